@@ -1,0 +1,52 @@
+"""The command line refuses bad input before anything starts, in one line."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tvlars_ray.run import main
+
+BAD = [
+    (["grid", "--set", "opt=nadam"], "unknown optimizer (opt) 'nadam'"),
+    (["grid", "--set", "bs=33"], "bs 33 is not divisible by num_workers 2"),
+    (["grid", "--set", "epochs=0"], "epochs must be at least 1"),
+    (["grid", "--set", "lrr=1"], "unknown setting 'lrr'"),
+    (["grid", "--set", "ds=imagefolder"], "imagefolder needs --data-dir"),
+    (["grid", "--set", "ds=imagefolder", "--set", "data_dir=/nowhere/x.zip"],
+     "not found in /nowhere"),
+    (["grid", "--space", "no-such-space"], "no search space 'no-such-space'"),
+    (["grid", "--space", "optuna-tvlars"], "is an Optuna space"),
+    (["optuna", "--space", "quickstart"], "has no 'search' section"),
+    (["grid", "--resume", "--experiment", "never-ran"], "nothing to resume"),
+    (["trial", "--opt", "khlars", "--local"], "unknown optimizer (opt) 'khlars'"),
+    (["trial", "--bs", "33", "--dv", "0", "1"], "bs 33 is not divisible by num_workers 2"),
+    (["status", "--experiment", "ghost"], "no experiment 'ghost'"),
+]
+
+
+@pytest.mark.parametrize("argv, words", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line_and_starts_nothing(argv, words, tmp_path, capsys):
+    import ray
+
+    store = tmp_path / "store"
+    assert main([*argv, "--store", str(store)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and words in err, err
+    assert not ray.is_initialized(), "Ray must not start for a bad command"
+    assert not store.exists() or not any(store.iterdir())
+
+
+def test_dry_run_prints_trials_and_resources(capsys):
+    assert main(["grid", "--space", "paper-nowarmup", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "246 trials" in out and "TUNE_DRIVER" in out and "24600 trial-epochs" in out
+    assert main(["grid", "--space", "quickstart", "--set", "epochs=2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "6 trials" in out and "12 trial-epochs" in out
+
+
+def test_module_entry_point_exits_non_zero():
+    done = subprocess.run([sys.executable, "-m", "tvlars_ray.run", "grid", "--set", "lr=-1",
+                           "--dry-run"], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and "lr" in done.stderr

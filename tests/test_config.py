@@ -1,0 +1,55 @@
+import dataclasses
+
+import pytest
+
+from tvlars_ray.config import HELP, ConfigError, TrialConfig, irrelevant_fields
+
+
+def test_defaults_follow_the_reference_cli():
+    cfg = TrialConfig()
+    assert (cfg.bs, cfg.epochs, cfg.lr, cfg.wd, cfg.ds, cfg.model, cfg.opt, cfg.sd) == (
+        32, 1, 0.01, 5e-4, "cifar10", "resnet18", "lars", "none")
+    assert (cfg.lmbda, cfg.cl_epochs, cfg.btlmbda, cfg.projector) == (
+        1e-3, 1000, 0.005, "4096-4096-4096")
+    assert (cfg.lr_classifier, cfg.lr_backbone, cfg.mode) == (0.3, 0.0, "clf")
+
+
+def test_text_values_are_typed():
+    cfg = TrialConfig.from_dict({"lr": "1e-3", "bs": "64", "use_gpu": "false", "sd": "None",
+                                 "norm_clip": "none", "epochs": 2.0})
+    assert cfg.lr == 0.001 and cfg.bs == 64 and cfg.use_gpu is False
+    assert cfg.sd == "none" and cfg.norm_clip is None and cfg.epochs == 2
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"opt": "adamm"}, ["optimizer", "adamm", "did you mean 'adam'"]),
+    ({"ds": "imagenet"}, ["dataset", "imagenet"]),
+    ({"bs": 30, "num_workers": 4}, ["bs 30", "not divisible", "num_workers 4"]),
+    ({"lr": -1}, ["lr", "positive"]),
+    ({"momentum": 1.0}, ["momentum"]),
+    ({"bs": "big"}, ["bs", "int", "'big'"]),
+    ({"epochs": 2.5}, ["epochs", "int"]),
+    ({"lrr": 1}, ["unknown setting 'lrr'", "did you mean 'lr'"]),
+    ({"projector": "4096x4096"}, ["projector"]),
+    ({"sd": "step"}, ["schedule", "step"]),
+])
+def test_bad_values_are_one_line_errors_naming_the_setting(values, words):
+    with pytest.raises(ConfigError) as err:
+        TrialConfig.from_dict(values)
+    message = str(err.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_settings_that_cannot_matter_do_not_change_the_key():
+    lars = TrialConfig(opt="lars", lmbda=1e-3)
+    assert "lmbda" in irrelevant_fields(lars)
+    assert lars.science_key == TrialConfig(opt="lars", lmbda=1e-6).science_key
+    assert (TrialConfig(opt="tvlars", lmbda=1e-3).science_key
+            != TrialConfig(opt="tvlars", lmbda=1e-6).science_key)
+    assert TrialConfig(sd="none", warmup_epochs=5).science_key == TrialConfig(sd="none").science_key
+
+
+def test_every_setting_is_explained():
+    assert set(HELP) == {f.name for f in dataclasses.fields(TrialConfig)}

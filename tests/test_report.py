@@ -1,0 +1,84 @@
+import pandas as pd
+
+from tvlars_ray.config import TrialConfig
+from tvlars_ray.report import export_reference, paper_table, write_report
+from tvlars_ray.store import Store
+
+
+def _fill(store: Store) -> None:
+    """A small study: LARS and TVLARS without warm-up, LAMB with, two seeds, one divergence."""
+    base = dict(ds="cifar10", model="resnet18", epochs=3, wd=5e-4)
+    plan = []
+    for bs in (512, 1024):
+        for seed in (0, 1):
+            plan.append(dict(opt="lars", lr=1.0, bs=bs, seed=seed, accs=[0.3, 0.5, 0.6]))
+            plan.append(dict(opt="lars", lr=2.0, bs=bs, seed=seed, accs=None))  # diverges
+            for lmbda, top in ((1e-4, 0.7), (1e-3, 0.66)):
+                accs = [0.4, top - 0.01 * seed, top - 0.02]
+                plan.append(dict(opt="tvlars", lr=1.0, lmbda=lmbda, bs=bs, seed=seed, accs=accs))
+            plan.append(dict(opt="lamb", lr=0.1, bs=bs, seed=seed, sd="lars-warm",
+                             accs=[0.2, 0.4, 0.55]))
+    for i, spec in enumerate(plan):
+        accs = spec.pop("accs")
+        cfg = TrialConfig.from_dict({**base, **spec})
+        tid = f"t{i:02d}"
+        if accs is None:
+            store.write_epoch("study", tid, cfg, {"epoch": 0, "step": 10,
+                                                  "train_loss": float("nan"), "diverged": True})
+            store.write_trial("study", tid, cfg, "diverged")
+            continue
+        for epoch, acc in enumerate(accs):
+            store.write_epoch("study", tid, cfg, {
+                "epoch": epoch, "step": 10 * (epoch + 1), "train_loss": 1.0, "train_acc": acc,
+                "test_loss": 1.2, "test_acc": acc, "lr_now": cfg.lr, "diverged": False,
+                "trust_ratio_mean": 0.01, "trust_ratio_min": 0.001, "trust_ratio_max": 0.05,
+                "phi": 0.9 if cfg.opt == "tvlars" else None})
+        store.write_trial("study", tid, cfg, "completed")
+
+
+def test_report_renders_tables_and_plots(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    _fill(store)
+    table = paper_table(store.read_trials("study"))
+    tv = table[(table.method == "TVLARS") & (table.bs == 512)].iloc[0]
+    assert tv["lmbda"] == 1e-4 and tv["lr"] == 1.0 and tv["seeds"] == 2
+    assert abs(tv["best_acc"] - 0.695) < 1e-9 and abs(tv["best_std"] - 0.005) < 1e-9
+    lars = table[(table.method == "LARS") & (table.bs == 1024)].iloc[0]
+    assert lars["lr"] == 1.0 and lars["diverged"] == 2 and lars["trials"] == 4
+    assert set(table["method"]) == {"LARS", "TVLARS", "LAMB + warm-up"}
+
+    out = write_report(store, "study", tmp_path / "report")
+    text = (out / "report.md").read_text()
+    assert "| batch | LAMB + warm-up | LARS | TVLARS |" in text
+    assert "69.50 ± 0.50 (lr 1, λ 0.0001)" in text
+    assert "2/4 diverged" in text
+    pngs = {p.name for p in out.glob("*.png")}
+    assert "schedules.png" in pngs and "trust_ratios.png" in pngs
+    assert any(n.startswith("curves_cifar10_resnet18_clf_bs512") for n in pngs)
+    assert "heatmap_cifar10_resnet18_clf_bs512_none.png" in pngs  # two lambdas at one lr
+    csv = pd.read_csv(out / "table.csv")
+    assert len(csv) == 6
+
+
+def test_heatmap_when_lr_and_lambda_vary(tmp_path):
+    store = Store(str(tmp_path / "s"))
+    for i, (lr, lmbda) in enumerate([(1, 1e-4), (2, 1e-4), (1, 1e-3), (2, 1e-3)]):
+        cfg = TrialConfig(ds="synthetic", opt="tvlars", lr=lr, lmbda=lmbda, epochs=1)
+        store.write_epoch("h", f"t{i}", cfg, {"epoch": 0, "test_acc": 0.1 * (i + 1),
+                                              "diverged": False})
+        store.write_trial("h", f"t{i}", cfg, "completed")
+    out = write_report(store, "h", tmp_path / "r")
+    assert (out / "heatmap_synthetic_resnet18_clf_bs32_none.png").stat().st_size > 1000
+
+
+def test_reference_export_reads_back(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    _fill(store)
+    written = export_reference(store, "study", tmp_path / "runs")
+    names = {p.relative_to(tmp_path / "runs").as_posix() for p in written}
+    assert "cifar10_resnet18/lars/512_1.0_None_s0.parquet" in names
+    assert "cifar10_resnet18/tvlars_0.0001/1024_1.0_None_s1.parquet" in names
+    assert "cifar10_resnet18/lamb/512_0.1_lars-warm_s0.parquet" in names
+    frame = pd.read_parquet(tmp_path / "runs/cifar10_resnet18/tvlars_0.001/512_1.0_None_s0.parquet")
+    assert list(frame.columns) == ["train_loss", "train_acc", "test_loss", "test_acc"]
+    assert list(frame["test_acc"].round(6)) == [40.0, 66.0, 64.0]

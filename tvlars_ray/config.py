@@ -1,0 +1,342 @@
+"""One typed, validated description of a trial.
+
+Everything a worker needs to run one training run lives in :class:`TrialConfig`. It is built
+from the CLI, a YAML search space or a dict, and validated once, before anything starts: a bad
+value is a :class:`ConfigError` whose message is one line naming the setting and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+MODES = ("clf", "bt")
+SCHEDULES = ("none", "cosine", "lars-warm")
+STEMS = ("imagenet", "cifar")
+NORMS = ("dataset", "imagenet")
+LOADERS = ("device", "torch")
+AMPS = ("auto", "none", "bf16")
+
+
+class ConfigError(ValueError):
+    """A bad setting. The message is one readable line naming the setting and the fix."""
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """The full description of one trial: what to train, how, and on what resources.
+
+    Names follow the reference code's CLI (``bs``, ``lr``, ``wd``, ``sd``, ``lmbda``, ...).
+    """
+
+    # what is trained
+    mode: str = "clf"
+    ds: str = "cifar10"
+    model: str = "resnet18"
+    stem: str = "imagenet"
+    epochs: int = 1
+    bs: int = 32
+    seed: int = 0
+    # the optimizer under study
+    opt: str = "lars"
+    lr: float = 0.01
+    wd: float = 5e-4
+    momentum: float = 0.9
+    eta: float = 0.001
+    lmbda: float = 1e-3
+    alpha: float = 0.1
+    delay: float = 0.0
+    gamma_min: float = 0.0
+    norm_clip: float | None = 10.0
+    # learning-rate schedule, stepped every iteration
+    sd: str = "none"
+    warmup_epochs: int = 20
+    # data
+    data_dir: str | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+    norm: str = "dataset"
+    loader: str = "device"
+    workers: int = 0
+    # Barlow Twins (mode bt)
+    cl_epochs: int = 1000
+    btlmbda: float = 0.005
+    projector: str = "4096-4096-4096"
+    lr_classifier: float = 0.3
+    lr_backbone: float = 0.0
+    # compute
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    amp: str = "auto"
+    channels_last: bool | None = None
+    compile: bool = False
+    # fault tolerance
+    checkpoint_every: int = 1
+    max_failures: int = 2
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name)))
+        if isinstance(self.sd, str) and self.sd.lower() == "none":
+            object.__setattr__(self, "sd", "none")
+        _validate(self)
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrialConfig:
+        """Build from a mapping, refusing unknown keys with a suggestion."""
+        check_keys(values, "trial config")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> TrialConfig:
+        check_keys(changes, "override")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # -- derived values -----------------------------------------------------------------
+    @property
+    def per_worker_bs(self) -> int:
+        return self.bs // max(self.num_workers, 1)
+
+    @property
+    def projector_dims(self) -> list[int]:
+        return [int(x) for x in self.projector.split("-")]
+
+    @property
+    def science_key(self) -> str:
+        """A short stable hash of the settings that change the numbers (not the resources)."""
+        skip = RESOURCE_FIELDS | irrelevant_fields(self)
+        keep = {k: v for k, v in self.to_dict().items() if k not in skip}
+        blob = json.dumps(keep, sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+HELP = {
+    "mode": "clf (classification) or bt (Barlow Twins pre-training, then linear evaluation)",
+    "ds": "dataset: synthetic, cifar10, cifar100, tinyimagenet or imagefolder",
+    "model": "network: cnn (small, for demos), resnet18, resnet34, resnet50, effb0",
+    "stem": "imagenet (torchvision's 7x7/2 stem and max-pool, as the reference) or cifar "
+            "(3x3/1, no max-pool)",
+    "epochs": "training epochs (in bt mode: linear-evaluation epochs)",
+    "bs": "global batch size, split evenly over the DDP workers",
+    "seed": "seeds python, numpy, torch and the data order in every worker",
+    "opt": "optimizer: sgd, adam, adamw, adagrad, rmsprop, lars, tvlars, lamb",
+    "lr": "base learning rate",
+    "wd": "weight decay",
+    "momentum": "momentum of sgd, lars and tvlars",
+    "eta": "LARS/TVLARS trust coefficient",
+    "lmbda": "TVLARS delay factor lambda: how fast phi decays",
+    "alpha": "TVLARS alpha: phi starts near 1/alpha",
+    "delay": "TVLARS d_e: optimizer steps before phi's decay is centred",
+    "gamma_min": "TVLARS gamma_min: phi's floor",
+    "norm_clip": "TVLARS clip on both norms of the trust ratio (none: no clip)",
+    "sd": "lr schedule per iteration: none, cosine or lars-warm",
+    "warmup_epochs": "warm-up epochs of lars-warm",
+    "data_dir": "where datasets live (default TVLARS_DATA_DIR, else a user cache folder); "
+                "for imagefolder, the folder or .zip itself",
+    "train_subset": "use a stratified, seeded subset of this many training images",
+    "test_subset": "use a stratified, seeded subset of this many test images",
+    "norm": "normalisation statistics: dataset (its own) or imagenet (as the reference)",
+    "loader": "device (images on the worker's device, batched augmentation) or torch "
+              "(DataLoader, per-sample transforms; for data that does not fit in memory)",
+    "workers": "DataLoader processes per worker with loader torch (the reference --workers)",
+    "cl_epochs": "Barlow Twins pre-training epochs (0: linear evaluation of a random backbone)",
+    "btlmbda": "Barlow Twins weight of the off-diagonal terms",
+    "projector": "Barlow Twins projector widths, e.g. 4096-4096-4096",
+    "lr_classifier": "linear evaluation: learning rate of the classifier",
+    "lr_backbone": "linear evaluation: learning rate of the backbone (0: frozen)",
+    "num_workers": "DDP workers of the trial (0: run in this process, for debugging)",
+    "use_gpu": "one GPU-backed worker per DDP rank (NCCL); else CPU workers (gloo)",
+    "cpus_per_worker": "CPUs reserved per DDP worker",
+    "gpus_per_worker": "GPUs reserved per DDP worker",
+    "amp": "mixed precision: auto (bf16 on GPU, off on CPU), none or bf16",
+    "channels_last": "channels-last memory layout (default: on GPU only)",
+    "compile": "torch.compile the model",
+    "checkpoint_every": "checkpoint every k epochs (and at the end)",
+    "max_failures": "restarts from the last checkpoint after a worker dies",
+}
+
+# Settings that decide where and how fast a trial runs, not what it computes.
+RESOURCE_FIELDS = frozenset(
+    {"data_dir", "workers", "use_gpu", "cpus_per_worker", "gpus_per_worker", "checkpoint_every",
+     "max_failures", "compile"}
+)
+
+TVLARS_FIELDS = frozenset({"lmbda", "alpha", "delay", "gamma_min", "norm_clip"})
+BT_FIELDS = frozenset({"cl_epochs", "btlmbda", "projector", "lr_classifier", "lr_backbone"})
+
+
+def irrelevant_fields(c: TrialConfig) -> frozenset[str]:
+    """Settings that cannot change this trial's numbers (lmbda for LARS, warm-up without
+    lars-warm, ...): nulled in the store and ignored when deduplicating a grid."""
+    out = set()
+    if c.opt != "tvlars":
+        out |= TVLARS_FIELDS
+    if c.opt not in ("lars", "tvlars"):
+        out.add("eta")
+    if c.opt not in ("sgd", "lars", "tvlars"):
+        out.add("momentum")
+    if c.sd != "lars-warm":
+        out.add("warmup_epochs")
+    if c.mode != "bt":
+        out |= BT_FIELDS
+    if c.loader != "torch":
+        out.add("workers")
+    if not c.use_gpu:
+        out.add("gpus_per_worker")
+    return frozenset(out)
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrialConfig))
+_HINTS = typing.get_type_hints(TrialConfig)
+
+
+def check_keys(values: dict[str, Any], where: str) -> None:
+    for key in values:
+        if key not in FIELD_NAMES:
+            close = difflib.get_close_matches(key, FIELD_NAMES, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(FIELD_NAMES)}"
+            raise ConfigError(f"{where}: unknown setting '{key}' ({hint})")
+
+
+def field_type(name: str) -> tuple[type, bool]:
+    """The base type of a field and whether it may be None."""
+    hint = _HINTS[name]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        base = next(a for a in args if a is not type(None))
+        return base, True
+    return hint, False
+
+
+_NONE_WORDS = {"none", "null", "~", ""}
+_TRUE_WORDS = {"true", "yes", "1", "on"}
+_FALSE_WORDS = {"false", "no", "0", "off"}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn CLI / YAML text into the field's type (YAML reads ``1e-3`` as a string)."""
+    base, optional = field_type(name)
+    if value is None or (optional and isinstance(value, str) and value.lower() in _NONE_WORDS):
+        if optional:
+            return None
+        raise ConfigError(f"setting '{name}' may not be empty: give a {base.__name__}")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE_WORDS:
+                return True
+            if text in _FALSE_WORDS:
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                return int(value)
+            if isinstance(value, str):
+                number = float(value)
+                if not number.is_integer():
+                    raise ValueError
+                return int(number)
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"setting '{name}' must be {'an' if base is int else 'a'} {base.__name__}, "
+            f"got {value!r}"
+        ) from None
+    return value
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(name: str, value: str, choices: typing.Iterable[str]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown {name} '{value}'{hint}: choose one of {', '.join(choices)}")
+
+
+def _validate(c: TrialConfig) -> None:
+    from .data import DATASETS
+    from .models import MODELS
+    from .optim import available_optimizers
+
+    _one_of("mode", c.mode, MODES)
+    _one_of("dataset (ds)", c.ds, DATASETS)
+    _one_of("model", c.model, MODELS)
+    _one_of("stem", c.stem, STEMS)
+    _one_of("optimizer (opt)", c.opt, available_optimizers())
+    _one_of("schedule (sd)", c.sd, SCHEDULES)
+    _one_of("norm", c.norm, NORMS)
+    _one_of("loader", c.loader, LOADERS)
+    _one_of("amp", c.amp, AMPS)
+
+    _need(c.epochs >= 1, f"epochs must be at least 1, got {c.epochs}")
+    _need(c.bs >= 1, f"bs must be at least 1, got {c.bs}")
+    _need(c.lr > 0, f"lr must be positive, got {c.lr}")
+    _need(c.wd >= 0, f"wd must be non-negative, got {c.wd}")
+    _need(0 <= c.momentum < 1, f"momentum must be in [0, 1), got {c.momentum}")
+    _need(c.eta > 0, f"eta must be positive, got {c.eta}")
+    _need(c.lmbda >= 0, f"lmbda must be non-negative, got {c.lmbda}")
+    _need(c.alpha > 0, f"alpha must be positive (phi peaks at 1/alpha), got {c.alpha}")
+    _need(c.gamma_min >= 0, f"gamma_min must be non-negative, got {c.gamma_min}")
+    _need(c.norm_clip is None or c.norm_clip > 0,
+          f"norm_clip must be positive or none, got {c.norm_clip}")
+    _need(c.warmup_epochs >= 0, f"warmup_epochs must be non-negative, got {c.warmup_epochs}")
+    _need(c.workers >= 0, f"workers (data-loader processes) must be >= 0, got {c.workers}")
+    for name in ("train_subset", "test_subset"):
+        value = getattr(c, name)
+        _need(value is None or value >= 1, f"{name} must be at least 1, got {value}")
+
+    _need(c.num_workers >= 0, f"num_workers must be >= 0 (0 = local mode), got {c.num_workers}")
+    if c.num_workers > 0:
+        _need(
+            c.bs % c.num_workers == 0,
+            f"bs {c.bs} is not divisible by num_workers {c.num_workers}: "
+            f"use a batch size that is a multiple of the worker count",
+        )
+    _need(c.cpus_per_worker >= 0, f"cpus_per_worker must be >= 0, got {c.cpus_per_worker}")
+    if c.use_gpu:
+        _need(c.gpus_per_worker > 0,
+              f"gpus_per_worker must be positive with use_gpu, got {c.gpus_per_worker}")
+    _need(c.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {c.checkpoint_every}")
+    _need(c.max_failures >= 0, f"max_failures must be >= 0, got {c.max_failures}")
+
+    _need(
+        re.fullmatch(r"[1-9]\d*(-[1-9]\d*)*", c.projector) is not None,
+        f"projector must look like 4096-4096-4096 (dims joined by '-'), got {c.projector!r}",
+    )
+    if c.mode == "bt":
+        _need(c.cl_epochs >= 0,
+              f"cl_epochs must be >= 0 (0: evaluate a random backbone), got {c.cl_epochs}")
+        _need(c.btlmbda >= 0, f"btlmbda must be non-negative, got {c.btlmbda}")
+        _need(c.lr_classifier > 0, f"lr_classifier must be positive, got {c.lr_classifier}")
+        _need(c.lr_backbone >= 0, f"lr_backbone must be non-negative, got {c.lr_backbone}")

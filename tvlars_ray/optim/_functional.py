@@ -1,0 +1,218 @@
+"""Helpers shared by the LARS-family optimizers.
+
+Everything here runs on the parameters' device and never reads a tensor value on the host,
+so ``step()`` stays free of host-device synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+
+def check_non_negative(name: str, value: float) -> None:
+    if not value >= 0.0:
+        raise ValueError(f"{name} must be non-negative, got {value}")
+
+
+def check_unit_interval(name: str, value: float) -> None:
+    """Momentum-like factors: 1 would never forget, so the interval is half-open."""
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+
+
+def check_positive_or_none(name: str, value: float | None) -> None:
+    if value is not None and not value > 0.0:
+        raise ValueError(f"{name} must be positive or None, got {value}")
+
+
+def check_grad(grad: Tensor, owner: str) -> None:
+    if grad.is_sparse:
+        raise RuntimeError(f"{owner} does not support sparse gradients; use dense gradients")
+
+
+def new_step(param: Tensor) -> Tensor:
+    """A fresh step counter, on the parameter's device, exact for any realistic run."""
+    return torch.zeros((), dtype=torch.int64, device=param.device)
+
+
+def steps_to_param_device(optimizer: torch.optim.Optimizer) -> None:
+    """Move loaded step counters next to their parameters: ``load_state_dict`` casts every
+    state tensor to its parameter's device except 'step'."""
+    for param, state in optimizer.state.items():
+        step = state.get("step")
+        if isinstance(step, Tensor) and step.device != param.device:
+            state["step"] = step.to(param.device)
+
+
+def norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """Half-precision norms overflow and round badly: accumulate and compare them in float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+
+
+def scalar_dtype(dtype: torch.dtype) -> torch.dtype:
+    return norm_dtype(dtype) or dtype
+
+
+def pair_norms(w: Tensor, d: Tensor) -> Tensor:
+    """``[||w||, ||d||]`` as a (2, 1) tensor, the single-tensor form of ``foreach_norms``."""
+    dtype = norm_dtype(w.dtype)
+    return torch.stack([torch.linalg.vector_norm(w, dtype=dtype),
+                        torch.linalg.vector_norm(d, dtype=dtype)]).view(2, 1)
+
+
+def foreach_norms(ws: list[Tensor], ds: list[Tensor]) -> Tensor:
+    """Per-tensor L2 norms as a (2, n) tensor (``||w_i||`` in row 0, ``||d_i||`` in row 1),
+    from one multi-tensor kernel."""
+    norms = torch._foreach_norm([*ws, *ds], 2, dtype=norm_dtype(ws[0].dtype))
+    return torch.stack(norms).view(2, len(ws))
+
+
+def trust_ratio(
+    norms: Tensor, scale: float | Tensor, w_clip: float | None, d_clip: float | None
+) -> Tensor:
+    """``scale * min(||w||, w_clip) / min(||d||, d_clip)``, and 1 where either norm is 0.
+
+    ``norms`` holds ``||w||`` in row 0 and ``||d||`` in row 1, one column per tensor.
+    """
+    if w_clip is not None and w_clip == d_clip:
+        num, den = norms.clamp(max=w_clip)
+    else:
+        num = norms[0] if w_clip is None else norms[0].clamp(max=w_clip)
+        den = norms[1] if d_clip is None else norms[1].clamp(max=d_clip)
+    ratio = num.div(den)
+    if not (isinstance(scale, float) and scale == 1.0):
+        ratio.mul_(scale)
+    return torch.where(norms.amin(0) > 0, ratio, 1.0)
+
+
+def is_excluded(param: Tensor, exclude_1d: bool) -> bool:
+    """Biases and norm-layer weights (``ndim <= 1``) are left out of adaptation on request."""
+    return exclude_1d and param.ndim <= 1
+
+
+def split_adapted(params: Sequence[Tensor], exclude_1d: bool) -> tuple[list[int], list[int]]:
+    """Positions of the adapted and of the excluded tensors in ``params``."""
+    adapted: list[int] = []
+    excluded: list[int] = []
+    for k, p in enumerate(params):
+        (excluded if is_excluded(p, exclude_1d) else adapted).append(k)
+    return adapted, excluded
+
+
+def group_by_device_and_dtype(params: Sequence[Tensor]) -> list[list[int]]:
+    """Indices of ``params`` split by (device, dtype): each bucket feeds one foreach call."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, p in enumerate(params):
+        buckets.setdefault((p.device, p.dtype), []).append(i)
+    return list(buckets.values())
+
+
+# Device types whose multi-tensor paths walk a bucket in cache-sized runs of tensors, so each
+# kernel finds its inputs still in cache from the previous one, and keep their temporaries
+# in a reused Workspace. Accelerators run each bucket whole, with allocated temporaries.
+BLOCKED_DEVICE_TYPES = ("cpu",)
+CPU_CHUNK_NUMEL = 1 << 19
+
+
+def blocked(tensor: Tensor) -> bool:
+    return tensor.device.type in BLOCKED_DEVICE_TYPES
+
+
+def chunks(params: Sequence[Tensor]) -> list[range]:
+    """Consecutive runs of ``params`` with at most ``CPU_CHUNK_NUMEL`` elements on blocked
+    devices (a larger tensor forms a run of its own); elsewhere one run of all of them."""
+    if not params or not blocked(params[0]):
+        return [range(len(params))]
+    runs: list[range] = []
+    start, size = 0, 0
+    for k, p in enumerate(params):
+        n = p.numel()
+        if k > start and size + n > CPU_CHUNK_NUMEL:
+            runs.append(range(start, k))
+            start, size = k, 0
+        size += n
+    runs.append(range(start, len(params)))
+    return runs
+
+
+class Workspace:
+    """Scratch memory for the per-step temporaries of the CPU paths, kept between steps.
+
+    A fresh temporary of a layer's size is fresh memory that the OS maps and zeroes on every
+    step, which costs more than the arithmetic done in it. One flat buffer per (device,
+    dtype), as large as the largest run of tensors (see ``chunks``), is reused instead.
+    Accelerators do not need it: their caching allocators already recycle memory.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def like(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """Uninitialised contiguous tensors shaped as ``tensors``, valid until the next call."""
+        ref = tensors[0]
+        total = sum(t.numel() for t in tensors)
+        key = (ref.device, ref.dtype)
+        flat = self._buffers.get(key)
+        if flat is None or flat.numel() < total:
+            flat = self._buffers[key] = torch.empty(total, dtype=ref.dtype, device=ref.device)
+        out, offset = [], 0
+        for t in tensors:
+            n = t.numel()
+            out.append(flat[offset : offset + n].view(t.shape))
+            offset += n
+        return out
+
+
+def add_scaled(
+    a: list[Tensor], b: list[Tensor], alpha: float, workspace: Workspace
+) -> list[Tensor]:
+    """``a + alpha * b`` as new tensors.
+
+    On CPU each result is written straight into the workspace: the multi-tensor ops have no
+    ``out=`` form, and copy-then-add would cost a second pass over the data. Elsewhere one
+    multi-tensor kernel allocates the results from the caching allocator.
+    """
+    if not blocked(a[0]):
+        return list(torch._foreach_add(a, b, alpha=alpha))
+    out = workspace.like(a)
+    for o, x, y in zip(out, a, b):
+        torch.add(x, y, alpha=alpha, out=o)
+    return out
+
+
+def pick(items: Sequence, indices: Iterable[int]) -> list:
+    return [items[i] for i in indices]
+
+
+class RatioCollector:
+    """Gathers per-tensor trust ratios from every group and bucket, then orders them once.
+
+    The common case (one group, one device/dtype) keeps the ratio vector as it is; otherwise
+    the 0-d pieces are put back in parameter order and stacked in one op.
+    """
+
+    def __init__(self) -> None:
+        self._chunks: list[tuple[list[int], Tensor]] = []
+
+    def add(self, positions: list[int], ratios: Tensor) -> None:
+        if positions:
+            self._chunks.append((positions, ratios))
+
+    def result(self) -> Tensor | None:
+        if not self._chunks:
+            return None
+        if len(self._chunks) == 1:
+            return self._chunks[0][1]
+        device, dtype = self._chunks[0][1].device, self._chunks[0][1].dtype
+        flat = [i for positions, _ in self._chunks for i in positions]
+        same_place = all(r.device == device and r.dtype == dtype for _, r in self._chunks)
+        if same_place and all(a < b for a, b in zip(flat, flat[1:])):
+            return torch.cat([r for _, r in self._chunks])
+        pieces: list[tuple[int, Tensor]] = []
+        for positions, ratios in self._chunks:
+            pieces.extend(zip(positions, ratios.to(device=device, dtype=dtype).unbind(0)))
+        pieces.sort(key=lambda item: item[0])
+        return torch.stack([r for _, r in pieces])

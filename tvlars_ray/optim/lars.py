@@ -1,0 +1,303 @@
+"""LARS: layer-wise adaptive rate scaling (You et al., 2017), with heavy-ball momentum.
+
+For each parameter tensor ``w`` with gradient ``g``::
+
+    d  = g + weight_decay * w                      (1-D tensors with exclude_1d: d = g)
+    q  = eta * ||w|| / ||d||   (1 if a norm is 0)  (1-D tensors with exclude_1d: q = 1)
+    mu = momentum * mu + q * d
+    w  = w - lr * mu
+
+The update is written once, for both LARS and TVLARS (which only changes ``q``): a per-tensor
+reference loop and a multi-tensor path built from ``torch._foreach_*`` kernels. Neither reads a
+tensor value on the host, so ``step()`` never synchronises with the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from ._functional import (
+    RatioCollector,
+    Workspace,
+    add_scaled,
+    check_grad,
+    check_non_negative,
+    check_unit_interval,
+    chunks,
+    foreach_norms,
+    group_by_device_and_dtype,
+    is_excluded,
+    new_step,
+    pair_norms,
+    pick,
+    scalar_dtype,
+    split_adapted,
+    steps_to_param_device,
+    trust_ratio,
+)
+
+__all__ = ["LARS", "lars"]
+
+PhiFn = Callable[[Tensor], Tensor]
+# (indices into the updated-parameter list, their trust ratios as one 1-D tensor)
+RatioChunk = tuple[list[int], Tensor]
+
+
+class LARS(Optimizer):
+    """LARS with momentum; ``last_trust_ratios`` holds the last step's per-tensor ``q``.
+
+    Args:
+        params: parameters or param groups; each group may override any hyper-parameter.
+        lr: global learning rate.
+        momentum: heavy-ball factor in [0, 1).
+        weight_decay: L2 coefficient, added to the gradient before the trust ratio.
+        eta: trust coefficient.
+        exclude_1d: leave tensors with ``ndim <= 1`` (biases, norm weights) out of weight
+            decay and adaptation, as in the LARS paper.
+        foreach: multi-tensor kernels (``None`` or ``True``) or the per-tensor loop (``False``).
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        eta: float = 0.001,
+        exclude_1d: bool = True,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            eta=eta,
+            exclude_1d=exclude_1d,
+            foreach=foreach,
+        )
+        self._init(params, defaults)
+
+    def _init(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+        self._validate(defaults)
+        super().__init__(params, defaults)
+        self.last_trust_ratios: Tensor | None = None
+        self._workspace = Workspace()
+
+    @staticmethod
+    def _validate(group: dict[str, Any]) -> None:
+        check_non_negative("lr", group["lr"])
+        check_unit_interval("momentum", group["momentum"])
+        check_non_negative("weight_decay", group["weight_decay"])
+        check_non_negative("eta", group["eta"])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As torch's, but a group's own hyper-parameters are validated too."""
+        self._validate({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, then the step counters are moved to their parameters' devices."""
+        super().load_state_dict(state_dict)
+        steps_to_param_device(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("last_trust_ratios", None)
+        self.__dict__.setdefault("_workspace", Workspace())
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+
+    def _init_group(
+        self, group: dict[str, Any]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[int]]:
+        params, grads, bufs, steps, positions = [], [], [], [], []
+        owner = type(self).__name__
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            check_grad(p.grad, owner)
+            state = self.state[p]
+            if not state:
+                state["step"] = new_step(p)
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            bufs.append(state["momentum_buffer"])
+            steps.append(state["step"])
+            positions.append(i)
+        return params, grads, bufs, steps, positions
+
+    def _schedule(self, group: dict[str, Any]) -> tuple[PhiFn | None, float | None]:
+        """The time factor and norm clip applied to ``q``: none for plain LARS."""
+        return None, None
+
+    def _observe(self, group: dict[str, Any], param: Tensor, step: Tensor) -> None:
+        """Record extra per-step values; ``param``/``step``: the first updated parameter."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimisation step; ``closure`` re-evaluates the loss if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        collector = RatioCollector()
+        observed = False
+        base = 0
+        for group in self.param_groups:
+            params, grads, bufs, steps, positions = self._init_group(group)
+            if params:
+                phi, norm_clip = self._schedule(group)
+                ratio_chunks = lars(
+                    params,
+                    grads,
+                    bufs,
+                    steps,
+                    lr=group["lr"],
+                    momentum=group["momentum"],
+                    weight_decay=group["weight_decay"],
+                    eta=group["eta"],
+                    exclude_1d=group["exclude_1d"],
+                    foreach=group["foreach"],
+                    phi=phi,
+                    norm_clip=norm_clip,
+                    workspace=self._workspace,
+                )
+                for local, ratios in ratio_chunks:
+                    collector.add([base + positions[k] for k in local], ratios)
+                if not observed:
+                    self._observe(group, params[0], steps[0])
+                    observed = True
+            base += len(group["params"])
+        self.last_trust_ratios = collector.result()
+        return loss
+
+
+def lars(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    eta: float,
+    exclude_1d: bool,
+    foreach: bool | None = None,
+    phi: PhiFn | None = None,
+    norm_clip: float | None = None,
+    workspace: Workspace | None = None,
+) -> list[RatioChunk]:
+    """Functional LARS/TVLARS step; returns the trust ratios of the adapted tensors.
+
+    ``phi`` maps the (float) step counters to a per-tensor factor on ``q`` and ``norm_clip``
+    caps both norms; LARS passes neither. ``workspace`` holds the temporaries of the
+    multi-tensor path between steps.
+    """
+    hp = dict(
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        eta=eta,
+        exclude_1d=exclude_1d,
+        phi=phi,
+        norm_clip=norm_clip,
+    )
+    tensors = (params, grads, momentum_buffers, steps)
+    if foreach is False:
+        return _single_tensor_lars(*tensors, **hp)
+    return _multi_tensor_lars(*tensors, **hp, workspace=workspace or Workspace())
+
+
+def _single_tensor_lars(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    eta: float,
+    exclude_1d: bool,
+    phi: PhiFn | None,
+    norm_clip: float | None,
+) -> list[RatioChunk]:
+    """Reference path: one parameter at a time, as the formulas read."""
+    local: list[int] = []
+    ratios: list[Tensor] = []
+    for i, (p, g, buf, step) in enumerate(zip(params, grads, momentum_buffers, steps)):
+        step.add_(1)
+        buf.mul_(momentum)
+        if is_excluded(p, exclude_1d):
+            buf.add_(g)
+        else:
+            d = g.add(p, alpha=weight_decay) if weight_decay != 0 else g
+            scale: float | Tensor = eta
+            if phi is not None:
+                scale = phi(step.to(scalar_dtype(p.dtype))).mul_(eta)
+            q = trust_ratio(pair_norms(p, d), scale, norm_clip, norm_clip).view(())
+            buf.addcmul_(d, q)
+            local.append(i)
+            ratios.append(q)
+        p.add_(buf, alpha=-lr)
+    return [(local, torch.stack(ratios))] if ratios else []
+
+
+def _multi_tensor_lars(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    eta: float,
+    exclude_1d: bool,
+    phi: PhiFn | None,
+    norm_clip: float | None,
+    workspace: Workspace,
+) -> list[RatioChunk]:
+    """Fast path: a few multi-tensor kernels per (device, dtype) bucket.
+
+    Per adapted tensor the memory traffic is that of SGD with weight decay (one temporary
+    ``d``, the momentum and parameter updates) plus two norm reads. On CPU the bucket is
+    walked in cache-sized runs of tensors (``chunks``), so the norms and the updates find
+    ``w`` and ``d`` still in cache, and ``d`` lives in the reused ``workspace``.
+    """
+    out: list[RatioChunk] = []
+    for bucket in group_by_device_and_dtype(params):
+        p_all, g_all = pick(params, bucket), pick(grads, bucket)
+        b_all, s_all = pick(momentum_buffers, bucket), pick(steps, bucket)
+        torch._foreach_add_(s_all, 1)
+        adapted_all, _ = split_adapted(p_all, exclude_1d)
+        scale: float | Tensor = eta
+        if phi is not None and adapted_all:
+            t = torch.stack(pick(s_all, adapted_all)).to(scalar_dtype(p_all[0].dtype))
+            scale = phi(t).mul_(eta)
+        done = 0  # adapted tensors handled so far: the offset into ``scale``
+        for run in chunks(p_all):
+            p_run, g_run, b_run = pick(p_all, run), pick(g_all, run), pick(b_all, run)
+            torch._foreach_mul_(b_run, momentum)
+            adapted, excluded = split_adapted(p_run, exclude_1d)
+            if excluded:
+                torch._foreach_add_(pick(b_run, excluded), pick(g_run, excluded))
+            if adapted:
+                n = len(adapted)
+                p_ad, g_ad = pick(p_run, adapted), pick(g_run, adapted)
+                d = add_scaled(g_ad, p_ad, weight_decay, workspace) if weight_decay else g_ad
+                run_scale = scale if isinstance(scale, float) else scale[done : done + n]
+                q = trust_ratio(foreach_norms(p_ad, d), run_scale, norm_clip, norm_clip)
+                torch._foreach_addcmul_(pick(b_run, adapted), d, q.unbind(0))
+                out.append(([bucket[run[k]] for k in adapted], q))
+                done += n
+            torch._foreach_add_(p_run, b_run, alpha=-lr)
+    return out
