@@ -68,6 +68,7 @@ EPOCH_COLUMNS = [
     ("diverged", pa.bool_(), "", "the training loss went non-finite in this epoch"),
     ("world_size", pa.int64(), "workers", "DDP workers that ran the epoch"),
     ("node_ip", pa.string(), "", "address of the node that ran rank 0"),
+    ("node_id", pa.string(), "", "Ray node id of the node that ran rank 0"),
     ("recorded_at", _TS, "UTC", "when the row was written"),
 ]
 TRIAL_COLUMNS = [
@@ -79,6 +80,7 @@ TRIAL_COLUMNS = [
     ("final_test_acc", pa.float64(), "fraction", "test_acc of the last epoch"),
     ("wall_time_s", pa.float64(), "s", "time from the trial's first start to its last update"),
     ("node_ip", pa.string(), "", "address of the node that ran the trial's driver"),
+    ("node_id", pa.string(), "", "Ray node id of the node that ran the trial's driver"),
     ("error", pa.string(), "", "why the trial failed, if it did"),
     ("started_at", _TS, "UTC", "first start of the trial"),
     ("updated_at", _TS, "UTC", "last change of this row"),
@@ -107,6 +109,18 @@ def node_ip() -> str:
     except Exception:  # noqa: BLE001 - the address is informative only
         pass
     return socket.gethostname()
+
+
+def node_id() -> str | None:
+    """This process's Ray node (two nodes on one machine share an address, not an id)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - informative only
+        pass
+    return None
 
 
 def _now() -> dt.datetime:
@@ -186,8 +200,11 @@ class Store:
         self._write(table, experiment, "epochs", trial_id, name)
 
     def write_trial(self, experiment: str, trial_id: str, cfg: TrialConfig, status: str,
-                    error: str | None = None, node: str | None = None) -> dict[str, Any]:
-        """Replace the trial's row: its status, and a summary of its stored epochs."""
+                    error: str | None = None, here: bool = False) -> dict[str, Any]:
+        """Replace the trial's row: its status, and a summary of its stored epochs.
+
+        ``here``: this process runs the trial, so its node is the trial's node; otherwise
+        the node recorded before is kept."""
         if status not in STATUSES:
             raise StoreError(f"unknown trial status '{status}': one of {', '.join(STATUSES)}")
         previous = self._read_one_trial(experiment, trial_id)
@@ -197,7 +214,8 @@ class Store:
                "config": json.dumps(cfg.to_dict(), sort_keys=True), "status": status,
                **self._summary(experiment, trial_id),
                "wall_time_s": (now - started).total_seconds(),
-               "node_ip": node or previous.get("node_ip") or node_ip(),
+               "node_ip": (None if here else previous.get("node_ip")) or node_ip(),
+               "node_id": (None if here else previous.get("node_id")) or node_id(),
                "error": error, "started_at": started, "updated_at": now}
         self._write(pa.Table.from_pylist([row], schema=TRIAL_SCHEMA),
                     experiment, "trials", f"{trial_id}.parquet")

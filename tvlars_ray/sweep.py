@@ -24,6 +24,7 @@ import ray
 from ray import tune
 
 from .config import ConfigError, TrialConfig
+from .monitor import SweepMetrics
 from .store import Store
 from .trial import final_status, fit_trial, one_line, worker_resources
 
@@ -46,17 +47,19 @@ def ray_env() -> dict[str, str]:
 
 def connect(address: str | None = None, num_cpus: int | None = None,
             num_gpus: int | None = None) -> None:
-    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local Ray."""
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a new local Ray
+    (with its dashboard, and the driver resource declared)."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.update(ray_env())
     runtime_env = {"env_vars": ray_env()}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env)
         return
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, resources={DRIVER_RESOURCE: 1000.0},
-             include_dashboard=True, runtime_env=runtime_env)
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
+             resources={DRIVER_RESOURCE: 1000.0}, include_dashboard=True,
+             runtime_env=runtime_env)
 
 
 def cluster_nodes() -> list[dict[str, float]]:
@@ -269,11 +272,18 @@ def _pct(value: Any) -> str:
 
 
 class StoreCallback(tune.Callback):
-    """Settle the store row of each trial Tune ends: a trial stopped by a scheduler (ASHA)
-    or killed mid-run never gets to write its own final status."""
+    """Settle the store row of each trial Tune ends (a trial stopped by a scheduler, ASHA,
+    or killed mid-run never writes its own final status), and export the sweep's counts."""
 
     def __init__(self, store: str, experiment: str) -> None:
         self.store, self.experiment = store, experiment
+        self.metrics: SweepMetrics | None = None
+
+    def setup(self, **info: Any) -> None:
+        self.metrics = SweepMetrics(self.experiment)
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self._export(trials)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
         st = Store(self.store)
@@ -282,6 +292,7 @@ class StoreCallback(tune.Callback):
             cfg = st.row_config(row)
             status = final_status(cfg, st.trial_epochs(self.experiment, trial.trial_id))
             st.write_trial(self.experiment, trial.trial_id, cfg, status)
+        self._export(trials)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
         error = None
@@ -292,6 +303,19 @@ class StoreCallback(tune.Callback):
         row = st.trial_row(self.experiment, trial.trial_id)
         if row:
             st.write_trial(self.experiment, trial.trial_id, st.row_config(row), "failed", error)
+        self._export(trials)
+
+    def _export(self, trials: list) -> None:
+        """Pending and running from Tune, the final statuses from the store."""
+        if self.metrics is None:
+            return
+        counts = {"pending": sum(t.status == "PENDING" for t in trials),
+                  "running": sum(t.status == "RUNNING" for t in trials)}
+        ended = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+        stored = Store(self.store).read_trials(self.experiment)
+        for status in stored.loc[stored["trial_id"].isin(ended), "status"]:
+            counts[status] = counts.get(status, 0) + 1
+        self.metrics.update(counts)
 
 
 # -- sweeps --------------------------------------------------------------------------------

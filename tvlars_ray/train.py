@@ -44,9 +44,10 @@ from .data import (
     torch_transform,
 )
 from .models import build_model
+from .monitor import TrialMetrics
 from .optim import build_optimizer
 from .schedules import build_schedule
-from .store import Store, node_ip
+from .store import Store, node_id, node_ip
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -100,19 +101,23 @@ class Worker:
 
 
 class Recorder:
-    """Rank 0's link to the store; the other ranks and store-less runs record nothing."""
+    """Rank 0's link to the store and the live metrics; the other ranks record nothing."""
 
     def __init__(self, cfg: TrialConfig, job: dict[str, Any], worker: Worker) -> None:
         self.cfg, self.worker = cfg, worker
         self.experiment, self.trial_id = job.get("experiment"), job.get("trial_id")
-        self.store = Store(job["store"]) if job.get("store") and worker.rank == 0 else None
-        self.node = node_ip()
+        lead = worker.rank == 0
+        self.store = Store(job["store"]) if job.get("store") and lead else None
+        self.live = TrialMetrics(self.experiment, self.trial_id if lead else None, cfg.opt,
+                                 cfg.bs)
+        self.node, self.node_id = node_ip(), node_id()
 
     def record(self, stage: str, epoch: int, metrics: dict[str, Any]) -> None:
         if self.store is not None:
             row = {"stage": stage, "epoch": epoch, "world_size": self.worker.world,
-                   "node_ip": self.node, **metrics}
+                   "node_ip": self.node, "node_id": self.node_id, **metrics}
             self.store.write_epoch(self.experiment, self.trial_id, self.cfg, row)
+        self.live.update({**metrics, "epoch": epoch + 1})
 
 
 # Reported first, so they lead Tune's result tables.

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import TrialConfig
-from .store import Store, node_ip
+from .store import Store
 from .train import train_func
 
 
@@ -54,7 +54,7 @@ def fit_trial(cfg: TrialConfig, store: str, experiment: str, trial_id: str,
     from ray.train.torch import TorchTrainer
 
     st = Store(store)
-    st.write_trial(experiment, trial_id, cfg, "running", node=node_ip())
+    st.write_trial(experiment, trial_id, cfg, "running", here=True)
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"cfg": cfg.to_dict(), "store": st.uri_of(), "experiment": experiment,

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Two Ray nodes on this one machine, as separate processes: a head (with the TUNE_DRIVER
+# resource the sweeps' trial drivers use) and a second node that joins it. For trying the
+# multi-node path without a cluster (tests/test_two_nodes.py runs it):
+#
+#   cluster/local-two-node.sh start      # prints the address to pass as --address
+#   python -m tvlars_ray.run grid --address 127.0.0.1:6390 --set ...
+#   cluster/local-two-node.sh stop
+#
+# Each node declares its own CPUs (CPUS_PER_NODE, default 2); both see this machine's disk,
+# so a local --store is shared. Ports and the temp dir are set so nothing collides with a
+# Ray started by `ray.init()` on the same machine.
+set -euo pipefail
+RAY=${RAY:-ray}
+PORT=${PORT:-6390}
+CPUS_PER_NODE=${CPUS_PER_NODE:-2}
+TEMP_DIR=${TEMP_DIR:-/tmp/tvlars-2node}
+HEAD_METRICS=${HEAD_METRICS:-28080}
+WORKER_METRICS=${WORKER_METRICS:-28081}
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+
+case "${1:-}" in
+  start)
+    mkdir -p "$TEMP_DIR"
+    "$RAY" start --head --port="$PORT" --num-cpus="$CPUS_PER_NODE" --num-gpus=0 \
+      --resources='{"TUNE_DRIVER": 100}' --temp-dir="$TEMP_DIR" \
+      --include-dashboard=false --metrics-export-port="$HEAD_METRICS" \
+      --dashboard-agent-listen-port=28090 \
+      --disable-usage-stats >/dev/null
+    "$RAY" start --address="127.0.0.1:$PORT" --num-cpus="$CPUS_PER_NODE" --num-gpus=0 \
+      --metrics-export-port="$WORKER_METRICS" --dashboard-agent-listen-port=28091 \
+      --disable-usage-stats >/dev/null
+    echo "127.0.0.1:$PORT"
+    ;;
+  stop)
+    "$RAY" stop --force >/dev/null 2>&1 || true
+    ;;
+  *)
+    echo "usage: $0 start|stop" >&2
+    exit 2
+    ;;
+esac
