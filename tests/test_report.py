@@ -82,3 +82,22 @@ def test_reference_export_reads_back(tmp_path):
     frame = pd.read_parquet(tmp_path / "runs/cifar10_resnet18/tvlars_0.001/512_1.0_None_s0.parquet")
     assert list(frame.columns) == ["train_loss", "train_acc", "test_loss", "test_acc"]
     assert list(frame["test_acc"].round(6)) == [40.0, 66.0, 64.0]
+
+
+def test_barlow_twins_table_and_pretraining_curves(tmp_path):
+    store = Store(str(tmp_path / "s"))
+    for i, (opt, sd) in enumerate([("lars", "lars-warm"), ("tvlars", "none")]):
+        cfg = TrialConfig(mode="bt", ds="cifar10", opt=opt, sd=sd, bs=512, cl_epochs=2, epochs=2)
+        for epoch in range(2):
+            store.write_epoch("bt", f"t{i}", cfg, {"stage": "pretrain", "epoch": epoch,
+                                                   "cl_loss": 100.0 / (epoch + 1),
+                                                   "diverged": False})
+            store.write_epoch("bt", f"t{i}", cfg, {"stage": "linear", "epoch": epoch,
+                                                   "test_acc": 0.3 + 0.1 * i + 0.05 * epoch,
+                                                   "test_acc5": 0.8, "diverged": False})
+        store.write_trial("bt", f"t{i}", cfg, "completed")
+    out = write_report(store, "bt", tmp_path / "r")
+    text = (out / "report.md").read_text()
+    assert "linear-eval top-1" in text and "| batch | LARS + warm-up | TVLARS |" in text
+    assert "| 512 | 35.00 (lr 0.01) | 45.00 (lr 0.01, λ 0.001) |" in text
+    assert (out / "pretrain_cifar10_resnet18_bs512.png").exists()

@@ -12,7 +12,7 @@ PAPER = {512: ([1, 2, 3], 4), 1024: ([5, 8, 10], 5), 2048: ([10, 12, 15], 6),
          16384: ([12, 15, 17, 20, 25, 30, 35], 7), 32768: ([12, 15, 17, 20, 25, 30, 35], 7)}
 
 EXPECTED = {"paper-nowarmup": 246, "paper-warmup": 42, "readme-grid": 18, "quickstart": 6,
-            "tinyimagenet": 42}
+            "tinyimagenet": 42, "readme-grid-bt": 18}
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
@@ -44,8 +44,11 @@ def test_paper_warmup_and_readme_grid():
     assert Counter(t.opt for t in warm) == {"lars": 21, "lamb": 21}
     assert {t.lr for t in warm} == {0.5, 0.3, 0.1} and {t.sd for t in warm} == {"lars-warm"}
     readme = load_space("readme-grid").trials()
-    assert {(t.lr, t.lmbda) for t in readme} == {
-        (lr, lm) for lr in (1.0, 2.0, 3.0) for lm in (1e-6, 1e-5, 1e-4, 1e-3, 5e-3, 1e-2)}
+    points = {(lr, lm) for lr in (1.0, 2.0, 3.0) for lm in (1e-6, 1e-5, 1e-4, 1e-3, 5e-3, 1e-2)}
+    assert {(t.lr, t.lmbda) for t in readme} == points
+    bt = load_space("readme-grid-bt").trials()
+    assert {(t.lr, t.lmbda) for t in bt} == points
+    assert {(t.mode, t.cl_epochs, t.bs, t.opt) for t in bt} == {("bt", 1000, 512, "tvlars")}
 
 
 def test_branches_seeds_and_dedup(tmp_path):

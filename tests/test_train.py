@@ -95,3 +95,35 @@ def test_dataloader_path_trains_too(ray_session, tmp_path, loader):
     assert fit_trial(cfg, store, "e", "dl") == "completed"
     row = Store(store).read_epochs("e").iloc[0]
     assert row["test_samples"] == 301 and row["train_samples"] == 400
+
+
+def test_device_loader_and_dataloader_train_alike():
+    """The device-resident path and the classic DataLoader path: same accuracy (within noise)."""
+    import torch
+
+    from tvlars_ray.data import dataset_stats, load_dataset
+    from tvlars_ray.models import build_model
+    from tvlars_ray.optim import build_optimizer
+    from tvlars_ray.schedules import build_schedule
+    from tvlars_ray.train import Worker, build_loaders, evaluate, train_epoch
+
+    curves = {}
+    for loader in ("device", "torch"):
+        cfg = tiny(loader=loader, opt="sgd", lr=0.1, train_subset=2000, test_subset=500,
+                   epochs=6, bs=64, num_workers=1)
+        torch.manual_seed(0)
+        worker = Worker(0, 1, torch.device("cpu"), False, False)
+        train, test, classes = build_loaders(cfg, worker)
+        model = build_model(cfg.model, classes, cfg.stem)
+        optimizer = build_optimizer(cfg.opt, model, cfg)
+        schedule = build_schedule(optimizer, "cosine", cfg.epochs, len(train), cfg.bs, 0)
+        curves[loader] = []
+        for epoch in range(cfg.epochs):
+            train.set_epoch(epoch)
+            train_epoch(model, train, optimizer, schedule, worker)
+            curves[loader].append(evaluate(model, test, worker, False)["test_acc"])
+    device, classic = curves["device"], curves["torch"]
+    assert min(device[-1], classic[-1]) > 0.35, curves  # both learn (chance: 0.1)
+    assert abs(device[-1] - classic[-1]) < 0.1, curves
+    assert abs(sum(device) / 6 - sum(classic) / 6) < 0.1, curves
+    assert dataset_stats("synthetic", "dataset", load_dataset("synthetic", None, 0, 10, 10)[0])

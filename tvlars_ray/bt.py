@@ -185,8 +185,7 @@ class TwoViews:
     train = True
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def __call__(self, images: torch.Tensor, g: torch.Generator | None):
         x = images.float() / 255
@@ -211,7 +210,8 @@ class TwoViews:
         x = blurred * gaussian_blur(x, 0.1 + 1.9 * rand(n)) + (1 - blurred) * x
         sol = coin(solarize) * (x >= 0.5).float()
         x = sol * (1 - x) + (1 - sol) * x
-        return (x - self.mean.to(dev)) / self.std.to(dev)
+        mean = _constant(self.mean, dev).view(1, -1, 1, 1)
+        return (x - mean) / _constant(self.std, dev).view(1, -1, 1, 1)
 
 
 def resized_crop(x: torch.Tensor, u_scale: torch.Tensor, u_ratio: torch.Tensor,
@@ -234,9 +234,22 @@ def resized_crop(x: torch.Tensor, u_scale: torch.Tensor, u_ratio: torch.Tensor,
                          align_corners=False)
 
 
+_LUMA = (0.299, 0.587, 0.114)
+_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+_FROM_YIQ = tuple(map(tuple, torch.linalg.inv(torch.tensor(_TO_YIQ, dtype=torch.float64)).tolist()))
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _constant(values: tuple, device: torch.device) -> torch.Tensor:
+    """A small constant on the device, copied there once (not once per batch)."""
+    key = (values, str(device))
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=torch.float32, device=device)
+    return _CONSTANTS[key]
+
+
 def grayscale(x: torch.Tensor) -> torch.Tensor:
-    weights = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
-    return (x * weights).sum(1, keepdim=True)
+    return (x * _constant(_LUMA, x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
 def color_jitter(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -252,13 +265,12 @@ def color_jitter(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     gray = grayscale(x)
     x = ((x - gray) * s + gray).clamp(0, 1)
     # hue: rotate the chroma plane of YIQ
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
-                           [0.211, -0.523, 0.312]], device=x.device)
+    to_yiq = _constant(_TO_YIQ, x.device)
     cos, sin = hue.cos(), hue.sin()
     rot = torch.zeros(n, 3, 3, device=x.device)
     rot[:, 0, 0] = 1
     rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-    matrix = torch.linalg.inv(to_yiq) @ rot @ to_yiq
+    matrix = _constant(_FROM_YIQ, x.device) @ rot @ to_yiq
     flat = x.flatten(2)
     return (matrix @ flat).view_as(x).clamp(0, 1)
 
@@ -333,7 +345,7 @@ def pretrain(cfg: TrialConfig, worker: Worker, backbone: nn.Module, feature_dim:
         torch.manual_seed(epoch_seed(cfg.seed, epoch, worker.rank))
         loader.set_epoch(epoch)
         model.train()
-        sums = torch.zeros(2, device=worker.device, dtype=torch.float64)
+        tally = worker.tally(1)
         lr = optimizer.param_groups[0]["lr"]
         for (y1, y2), _ in loader:
             lr = optimizer.param_groups[0]["lr"]
@@ -343,9 +355,8 @@ def pretrain(cfg: TrialConfig, worker: Worker, backbone: nn.Module, feature_dim:
             loss.backward()
             optimizer.step()
             schedule.step()
-            n = torch.tensor(float(len(y1)), device=worker.device, dtype=torch.float64)
-            sums += torch.stack([loss.detach().double() * n, n])
-        loss_sum, count = worker.all_sum(sums)
+            tally.add(len(y1), loss * len(y1))
+        (loss_sum,), count = tally.total()
         train_time = time.perf_counter() - began
         cl_loss = loss_sum / count
         diverged = not math.isfinite(cl_loss)

@@ -403,8 +403,9 @@ class BatchAugment:
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         if self.train:
             images = self.resample(images, generator)
-        scale, shift = self.scale.to(images.device), self.shift.to(images.device)
-        return torch.addcmul(shift, images.float(), scale)
+        if self.scale.device != images.device:  # once: no copy per batch
+            self.scale, self.shift = self.scale.to(images.device), self.shift.to(images.device)
+        return torch.addcmul(self.shift, images.float(), self.scale)
 
     def resample(self, images: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
         """The augmented uint8 batch.
@@ -434,8 +435,7 @@ class BatchAugment:
         # inside the rotated frame (else zero) and inside the image (else padding, zero)
         valid = ((sy >= oy.clamp(min=0)) & (sy <= (h - 1) + oy.clamp(max=0))
                  & (sx >= ox.clamp(min=0)) & (sx <= (w - 1) + ox.clamp(max=0)))
-        index = torch.where(valid, torch.addcmul(sx, sy, torch.tensor(float(w), device=dev)),
-                            float(h * w)).long().view(n, 1, h * w)
+        index = torch.where(valid, sx.add_(sy, alpha=w), float(h * w)).long().view(n, 1, h * w)
         # outside pixels read a zero appended after each image
         flat = torch.cat([images.reshape(n, c, h * w), images.new_zeros(n, c, 1)], dim=2)
         return flat.gather(2, index.expand(n, c, h * w)).view(n, c, h, w)

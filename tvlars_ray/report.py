@@ -4,7 +4,8 @@ Tables: per (dataset, model, mode), one row per batch size and one column per me
 optimizer, with or without warm-up), the best configuration's accuracy (best over lr and
 lambda, mean +- std over seeds) and which lr / lambda won; diverged trials are counted in
 every cell, never hidden. Plots: test-accuracy curves, lr x lambda heatmaps, the lr and phi
-schedules, and trust-ratio summaries over epochs.
+schedules, trust-ratio summaries over epochs and, for Barlow Twins, the pre-training losses
+(its table holds the linear-evaluation accuracy).
 """
 
 from __future__ import annotations
@@ -232,6 +233,26 @@ def plot_trust_ratios(table, trials, epochs, out: Path) -> list[Path]:
     return [_save(fig, out / "trust_ratios.png")]
 
 
+def plot_pretrain_losses(table, trials, epochs, out: Path) -> list[Path]:
+    """Barlow Twins pre-training loss over epochs, one line per method, per batch size."""
+    files = []
+    winners = _winners(table, trials)
+    pre = epochs[(epochs["stage"] == "pretrain") & epochs["cl_loss"].notna()]
+    for key, g in table[table["mode"] == "bt"].groupby([*GROUP, "bs"], sort=True):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method in sorted(g["method"]):
+            rows = pre[pre["trial_id"].isin(winners[(*key, method)])]
+            curve = rows.groupby("epoch")["cl_loss"].mean()
+            if len(curve):
+                ax.plot(curve.index + 1, curve.values, label=method)
+        ax.set(xlabel="pre-training epoch", ylabel="Barlow Twins loss", yscale="log",
+               title=f"{key[0]} {key[1]} pre-training, batch {key[3]}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        files.append(_save(fig, out / f"pretrain_{key[0]}_{key[1]}_bs{key[3]}.png"))
+    return files
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -260,6 +281,7 @@ def write_report(store: Store, experiment: str | None, out: str | Path | None) -
         images += plot_heatmaps(finished, folder)
         images += plot_schedules(finished, epochs, folder)
         images += plot_trust_ratios(table, finished, epochs, folder)
+        images += plot_pretrain_losses(table, finished, epochs, folder)
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in images]
     text = "\n".join(lines) + "\n"
     (folder / "report.md").write_text(text)

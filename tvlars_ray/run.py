@@ -249,6 +249,9 @@ def summary_table(st, experiment: str | None) -> str:
     trials = st.read_trials(experiment)
     if trials.empty:
         return "no trials recorded"
+    for i in trials.index[trials["status"] == "running"]:  # their rows lag their epochs
+        for key, value in st.summary(trials.at[i, "experiment"], trials.at[i, "trial_id"]).items():
+            trials.at[i, key] = value
     cfgs = []
     for row in trials.to_dict("records"):
         values = {k: row[k] for k in FIELD_NAMES if row.get(k) is not None and row[k] == row[k]}

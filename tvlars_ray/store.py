@@ -67,6 +67,8 @@ EPOCH_COLUMNS = [
     ("phi", pa.float64(), "", "TVLARS phi(t) at the epoch's last step"),
     ("diverged", pa.bool_(), "", "the training loss went non-finite in this epoch"),
     ("world_size", pa.int64(), "workers", "DDP workers that ran the epoch"),
+    ("backend", pa.string(), "", "torch.distributed backend (nccl on GPUs, gloo on CPUs)"),
+    ("precision", pa.string(), "", "what the forward pass ran in: bf16 (autocast) or fp32"),
     ("node_ip", pa.string(), "", "address of the node that ran rank 0"),
     ("node_id", pa.string(), "", "Ray node id of the node that ran rank 0"),
     ("recorded_at", _TS, "UTC", "when the row was written"),
@@ -212,7 +214,7 @@ class Store:
         started = previous.get("started_at") or now
         row = {"experiment": experiment, "trial_id": trial_id, **config_columns(cfg),
                "config": json.dumps(cfg.to_dict(), sort_keys=True), "status": status,
-               **self._summary(experiment, trial_id),
+               **self.summary(experiment, trial_id),
                "wall_time_s": (now - started).total_seconds(),
                "node_ip": (None if here else previous.get("node_ip")) or node_ip(),
                "node_id": (None if here else previous.get("node_id")) or node_id(),
@@ -255,7 +257,8 @@ class Store:
         files = self._files(self.path(experiment, "epochs", trial_id))
         return _in_order(self._read(files, EPOCH_SCHEMA))
 
-    def _summary(self, experiment: str, trial_id: str) -> dict[str, Any]:
+    def summary(self, experiment: str, trial_id: str) -> dict[str, Any]:
+        """epochs_done, best_test_acc, best_epoch and final_test_acc from the stored epochs."""
         epochs = self.trial_epochs(experiment, trial_id)
         summary: dict[str, Any] = {"epochs_done": len(epochs), "best_test_acc": None,
                                    "best_epoch": None, "final_test_acc": None}

@@ -77,13 +77,15 @@ class Worker:
         ctx = ray.train.get_context()
         device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
         on_gpu = device.type == "cuda"
+        if on_gpu:
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels
         amp = cfg.amp == "bf16" or (cfg.amp == "auto" and on_gpu)
         channels_last = on_gpu if cfg.channels_last is None else cfg.channels_last
         return cls(ctx.get_world_rank(), ctx.get_world_size(), device, amp, channels_last)
 
     @property
     def distributed(self) -> bool:
-        return self.world > 1 and dist.is_available() and dist.is_initialized()
+        return dist.is_available() and dist.is_initialized()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if not self.amp:
@@ -98,6 +100,29 @@ class Worker:
         if self.distributed:
             dist.all_reduce(values)
         return values.tolist()
+
+    def tally(self, size: int) -> Tally:
+        return Tally(self, size)
+
+
+class Tally:
+    """Per-epoch sums kept on the device, so the hot loop never waits for the GPU; the
+    sample count is known on the host. ``total()`` reads everything once, summed over ranks."""
+
+    def __init__(self, worker: Worker, size: int) -> None:
+        self.worker, self.count = worker, 0
+        self.values = torch.zeros(size, device=worker.device, dtype=torch.float64)
+
+    def add(self, n: int, *terms: torch.Tensor) -> None:
+        self.values += torch.stack([t.detach().double() for t in terms])
+        self.count += n
+
+    def total(self) -> tuple[list[float], int]:
+        """(summed terms, summed count) over all ranks."""
+        count = torch.full((1,), float(self.count), device=self.values.device,
+                           dtype=torch.float64)
+        *sums, count_all = self.worker.all_sum(torch.cat([self.values, count]))
+        return sums, int(count_all)
 
 
 class Recorder:
@@ -115,6 +140,8 @@ class Recorder:
     def record(self, stage: str, epoch: int, metrics: dict[str, Any]) -> None:
         if self.store is not None:
             row = {"stage": stage, "epoch": epoch, "world_size": self.worker.world,
+                   "backend": dist.get_backend() if self.worker.distributed else None,
+                   "precision": "bf16" if self.worker.amp else "fp32",
                    "node_ip": self.node, "node_id": self.node_id, **metrics}
             self.store.write_epoch(self.experiment, self.trial_id, self.cfg, row)
         self.live.update({**metrics, "epoch": epoch + 1})
@@ -213,10 +240,8 @@ def _torch_loader(cfg: TrialConfig, worker: Worker, source, transform, per_worke
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=per_worker, sampler=sampler, num_workers=cfg.workers,
         worker_init_fn=_seed_loader_worker, persistent_workers=cfg.workers > 0,
-        generator=torch.Generator().manual_seed(cfg.seed))
-    loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False,
-                                                 move_to_device=True)
-    return _SetEpoch(loader, sampler if train else None)
+        pin_memory=worker.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+    return EpochLoader(loader, worker.device, sampler if train else None)
 
 
 def _seed_loader_worker(worker_id: int) -> None:
@@ -225,11 +250,13 @@ def _seed_loader_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
-class _SetEpoch:
-    """Give a DataLoader the device loader's ``set_epoch`` / ``len`` / iteration."""
+class EpochLoader:
+    """A DataLoader behaving like the device loader: ``set_epoch`` reseeds the sampler's
+    order, batches arrive on the device. (Ray's ``prepare_data_loader`` would add its own,
+    unseeded sampler; moving batches here also keeps the loop usable without Ray.)"""
 
-    def __init__(self, loader, sampler) -> None:
-        self.loader, self.sampler = loader, sampler
+    def __init__(self, loader, device: torch.device, sampler=None) -> None:
+        self.loader, self.device, self.sampler = loader, device, sampler
 
     def set_epoch(self, epoch: int) -> None:
         if self.sampler is not None:
@@ -239,7 +266,8 @@ class _SetEpoch:
         return len(self.loader)
 
     def __iter__(self):
-        return iter(self.loader)
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 # -- the steps -------------------------------------------------------------------------------
@@ -247,39 +275,40 @@ def evaluate(model: nn.Module, loader, worker: Worker, topk5: bool) -> dict[str,
     """Loss and accuracy over the whole test set: each rank its disjoint shard, then summed."""
     net = unwrap(model)
     net.eval()
-    sums = torch.zeros(4, device=worker.device, dtype=torch.float64)
+    tally = worker.tally(3)
     with torch.no_grad(), worker.autocast():
         for x, y in loader:
             out = net(worker.inputs(x)).float()
             top = out.topk(min(5, out.shape[1]), dim=1).indices
-            sums += torch.stack([F.cross_entropy(out, y, reduction="sum").double(),
-                                 (top[:, 0] == y).sum().double(),
-                                 (top == y[:, None]).any(1).sum().double(),
-                                 torch.tensor(float(len(y)), device=worker.device,
-                                              dtype=torch.float64)])
-    loss, correct, correct5, count = worker.all_sum(sums)
+            tally.add(len(y), F.cross_entropy(out, y, reduction="sum"), (top[:, 0] == y).sum(),
+                      (top == y[:, None]).any(1).sum())
+    (loss, correct, correct5), count = tally.total()
     return {"test_loss": loss / count, "test_acc": correct / count,
             "test_acc5": correct5 / count if topk5 else None, "test_samples": int(count)}
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer, schedule,
+               worker: Worker, tally: Tally) -> None:
+    """One optimizer step; nothing in it waits for the device."""
+    with worker.autocast():
+        out = model(worker.inputs(x))
+        loss = F.cross_entropy(out.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    tally.add(len(y), loss * len(y), (out.detach().argmax(1) == y).sum())
 
 
 def train_epoch(model: nn.Module, loader, optimizer, schedule, worker: Worker) -> dict:
     """One pass over this rank's shard; the sums stay on the device until the end."""
     model.train()
-    sums = torch.zeros(3, device=worker.device, dtype=torch.float64)
+    tally = worker.tally(2)
     lr = optimizer.param_groups[0]["lr"]
     for x, y in loader:
         lr = optimizer.param_groups[0]["lr"]
-        with worker.autocast():
-            out = model(worker.inputs(x))
-            loss = F.cross_entropy(out.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        n = torch.tensor(float(len(y)), device=worker.device, dtype=torch.float64)
-        sums += torch.stack([loss.detach().double() * n,
-                             (out.detach().argmax(1) == y).sum().double(), n])
-    loss_sum, correct, count = worker.all_sum(sums)
+        train_step(model, x, y, optimizer, schedule, worker, tally)
+    (loss_sum, correct), count = tally.total()
     return {"train_loss": loss_sum / count, "train_acc": correct / count, "lr_now": lr,
             "train_samples": int(count)}
 
@@ -302,11 +331,12 @@ def train_func(job: dict[str, Any]) -> None:
 
 
 def _quiet_report_log() -> None:
-    """Ray Train logs every report at INFO under a logger named by its file path (so its
-    LoggingConfig cannot reach it): a wall of text per epoch. Keep warnings only."""
-    from ray.train.v2._internal.execution import context
+    """Ray Train logs every report at INFO, on workers under a logger named by its file path
+    (so its LoggingConfig cannot reach it): a wall of text per epoch. Keep warnings only."""
+    from ray.train.v2._internal.execution import context, train_fn_utils
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger(train_fn_utils.__name__).setLevel(logging.WARNING)  # local mode
 
 
 def run_classification(cfg: TrialConfig, job: dict[str, Any]) -> None:

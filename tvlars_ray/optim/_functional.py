@@ -7,6 +7,7 @@ so ``step()`` stays free of host-device synchronisation.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -216,3 +217,37 @@ class RatioCollector:
             pieces.extend(zip(positions, ratios.to(device=device, dtype=dtype).unbind(0)))
         pieces.sort(key=lambda item: item[0])
         return torch.stack([r for _, r in pieces])
+
+
+class LayerwiseOptimizer(torch.optim.Optimizer):
+    """What LARS, TVLARS and LAMB share around their steps: each group's hyper-parameters
+    validated (``_validate``), the per-tensor trust ratios of the last step kept on the
+    device, a reused scratch buffer, and step counters that follow their parameters."""
+
+    @staticmethod
+    def _validate(group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _init(self, params: Any, defaults: dict[str, Any]) -> None:
+        self._validate(defaults)
+        super().__init__(params, defaults)
+        self.last_trust_ratios: Tensor | None = None
+        self._workspace = Workspace()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As torch's, but a group's own hyper-parameters are validated too."""
+        self._validate({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, then the step counters are moved to their parameters' devices."""
+        super().load_state_dict(state_dict)
+        steps_to_param_device(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("last_trust_ratios", None)
+        self.__dict__.setdefault("_workspace", Workspace())
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, ParamsT
+from torch.optim.optimizer import ParamsT
 
 from ._functional import (
+    LayerwiseOptimizer,
     RatioCollector,
     Workspace,
     blocked,
@@ -35,7 +36,6 @@ from ._functional import (
     pick,
     scalar_dtype,
     split_adapted,
-    steps_to_param_device,
     trust_ratio,
 )
 
@@ -44,7 +44,7 @@ __all__ = ["LAMB", "lamb"]
 RatioChunk = tuple[list[int], Tensor]
 
 
-class LAMB(Optimizer):
+class LAMB(LayerwiseOptimizer):
     """LAMB; ``last_trust_ratios`` holds the last step's per-tensor ``r``.
 
     Args:
@@ -81,10 +81,7 @@ class LAMB(Optimizer):
             exclude_1d=exclude_1d,
             foreach=foreach,
         )
-        self._validate(defaults)
-        super().__init__(params, defaults)
-        self.last_trust_ratios: Tensor | None = None
-        self._workspace = Workspace()
+        self._init(params, defaults)
 
     @staticmethod
     def _validate(group: dict[str, Any]) -> None:
@@ -97,23 +94,6 @@ class LAMB(Optimizer):
         check_unit_interval("betas[0]", betas[0])
         check_unit_interval("betas[1]", betas[1])
         check_positive_or_none("weight_norm_clip", group["weight_norm_clip"])
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """As torch's, but a group's own hyper-parameters are validated too."""
-        self._validate({**self.defaults, **param_group})
-        super().add_param_group(param_group)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch's, then the step counters are moved to their parameters' devices."""
-        super().load_state_dict(state_dict)
-        steps_to_param_device(self)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("last_trust_ratios", None)
-        self.__dict__.setdefault("_workspace", Workspace())
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
 
     def _init_group(
         self, group: dict[str, Any]

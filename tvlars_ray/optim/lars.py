@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, ParamsT
+from torch.optim.optimizer import ParamsT
 
 from ._functional import (
+    LayerwiseOptimizer,
     RatioCollector,
     Workspace,
     add_scaled,
@@ -37,7 +38,6 @@ from ._functional import (
     pick,
     scalar_dtype,
     split_adapted,
-    steps_to_param_device,
     trust_ratio,
 )
 
@@ -48,7 +48,7 @@ PhiFn = Callable[[Tensor], Tensor]
 RatioChunk = tuple[list[int], Tensor]
 
 
-class LARS(Optimizer):
+class LARS(LayerwiseOptimizer):
     """LARS with momentum; ``last_trust_ratios`` holds the last step's per-tensor ``q``.
 
     Args:
@@ -82,35 +82,12 @@ class LARS(Optimizer):
         )
         self._init(params, defaults)
 
-    def _init(self, params: ParamsT, defaults: dict[str, Any]) -> None:
-        self._validate(defaults)
-        super().__init__(params, defaults)
-        self.last_trust_ratios: Tensor | None = None
-        self._workspace = Workspace()
-
     @staticmethod
     def _validate(group: dict[str, Any]) -> None:
         check_non_negative("lr", group["lr"])
         check_unit_interval("momentum", group["momentum"])
         check_non_negative("weight_decay", group["weight_decay"])
         check_non_negative("eta", group["eta"])
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """As torch's, but a group's own hyper-parameters are validated too."""
-        self._validate({**self.defaults, **param_group})
-        super().add_param_group(param_group)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch's, then the step counters are moved to their parameters' devices."""
-        super().load_state_dict(state_dict)
-        steps_to_param_device(self)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("last_trust_ratios", None)
-        self.__dict__.setdefault("_workspace", Workspace())
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
 
     def _init_group(
         self, group: dict[str, Any]
