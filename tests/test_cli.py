@@ -37,6 +37,18 @@ def test_bad_input_is_one_line_and_starts_nothing(argv, words, tmp_path, capsys)
     assert not store.exists() or not any(store.iterdir())
 
 
+def test_resuming_what_grid_did_not_start_is_refused(tmp_path, capsys):
+    import ray
+
+    from tvlars_ray.config import TrialConfig
+    from tvlars_ray.store import Store
+
+    Store(str(tmp_path)).write_trial("single", "t1", TrialConfig(ds="synthetic"), "running")
+    assert main(["grid", "--resume", "--experiment", "single", "--store", str(tmp_path)]) == 2
+    assert "was not started by `grid`" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
 def test_dry_run_prints_trials_and_resources(capsys):
     assert main(["grid", "--space", "paper-nowarmup", "--dry-run"]) == 0
     out = capsys.readouterr().out

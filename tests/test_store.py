@@ -84,3 +84,14 @@ def test_every_column_is_documented_in_the_readme():
     missing = (set(EPOCH_SCHEMA.names) | set(TRIAL_SCHEMA.names)) - documented
     assert set(TrialConfig.__dataclass_fields__) <= documented  # the settings table
     assert not missing, f"columns missing from README's schema section: {sorted(missing)}"
+
+
+def test_a_filesystem_uri_works_like_a_path(tmp_path):
+    uri = f"file://{tmp_path}/viauri"
+    st = Store(uri)
+    cfg = TrialConfig(ds="synthetic")
+    st.write_epoch("e", "t", cfg, _metrics(0, 0.4))
+    st.write_trial("e", "t", cfg, "completed")
+    assert read_epochs(uri, "e")["test_acc"].tolist() == [0.4]
+    assert read_trials(str(tmp_path / "viauri"))["status"].tolist() == ["completed"]
+    assert st.experiments() == ["e"] and st.uri_of("e") == f"{tmp_path}/viauri/e"

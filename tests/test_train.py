@@ -82,9 +82,10 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_session, tmp_path):
     assert outcome.get("status") == "completed"
     epochs = st.trial_epochs("e", "victim")
     assert list(epochs["epoch"]) == list(range(6)), "each epoch exactly once"
-    kept = epochs[epochs["epoch"] < len(done_before)]
-    # epochs finished before the kill were not re-run: training resumed from a checkpoint
-    assert (kept["recorded_at"] < killed_at).all()
+    # epochs checkpointed before the kill were not re-run: training resumed from a checkpoint
+    # (the newest row may have been written before its checkpoint was, so it may re-run)
+    kept = epochs[epochs["epoch"] < len(done_before) - 1]
+    assert len(kept) >= 1 and (kept["recorded_at"] < killed_at).all()
     assert (epochs["step"].diff().dropna() > 0).all()
 
 

@@ -162,7 +162,7 @@ def _cluster_gpus(args: argparse.Namespace) -> float:
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
-    from .sweep import run_grid, trials_or_error
+    from .sweep import load_grid, run_grid, trials_or_error
 
     space = _load(args)  # validate everything before Ray starts
     trials = trials_or_error(space)
@@ -170,12 +170,16 @@ def cmd_grid(args: argparse.Namespace) -> int:
         _print_dry_run(space, trials)
         return 0
     sweep = _sweep(args, space)
-    sweep.check()  # refuse a clash with the store before starting Ray
+    st = sweep.check()  # refuse a clash with the store before starting Ray
+    if args.resume:  # the grid as it was started, whatever the space says now
+        trials = [TrialConfig.from_dict(v) for v in load_grid(st, sweep.experiment).values()]
     check_data(trials)
-    space = _load(args, _cluster_gpus(args))
-    trials = trials_or_error(space)
-    print(f"grid '{space.name}': {len(trials)} trials -> experiment '{sweep.experiment}' "
-          f"in {Path(args.store).resolve() if '://' not in args.store else args.store}")
+    if not args.resume:
+        space = _load(args, _cluster_gpus(args))
+        trials = trials_or_error(space)
+    where = Path(args.store).resolve() if "://" not in args.store else args.store
+    what = "resuming" if args.resume else f"grid '{space.name}':"
+    print(f"{what} {len(trials)} trials -> experiment '{sweep.experiment}' in {where}")
     run_grid(trials, sweep)
     _finish(args, sweep.experiment, report=not args.no_report)
     return 0
@@ -304,11 +308,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _planned(st, experiment: str) -> int:
-    from .sweep import load_grid
+    from .sweep import SweepError, load_grid
 
     try:
         return len(load_grid(st, experiment))
-    except (FileNotFoundError, OSError):
+    except SweepError:  # not a grid: an Optuna study or single trials
         return 0
 
 

@@ -367,8 +367,13 @@ def save_grid(st: Store, experiment: str, grid: dict[str, dict[str, Any]]) -> No
 
 
 def load_grid(st: Store, experiment: str) -> dict[str, dict[str, Any]]:
-    with st.fs.open_input_stream(st.path(experiment, "grid.json")) as fh:
-        return json.loads(fh.read().decode())
+    """The grid as it was started (a resume runs that, whatever the space file says now)."""
+    try:
+        with st.fs.open_input_stream(st.path(experiment, "grid.json")) as fh:
+            return json.loads(fh.read().decode())
+    except (FileNotFoundError, OSError):
+        raise SweepError(f"experiment '{experiment}' in {st.uri} was not started by `grid` "
+                         f"(no grid.json): resume it with the command that started it") from None
 
 
 def _trainable(st: Store, sweep: Sweep, plan_: Plan, **params: Any):
