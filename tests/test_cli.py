@@ -49,6 +49,18 @@ def test_resuming_what_grid_did_not_start_is_refused(tmp_path, capsys):
     assert not ray.is_initialized()
 
 
+def test_a_trial_asking_for_missing_gpus_is_an_error_not_a_hang(tmp_path, capsys):
+    import ray
+
+    try:
+        code = main(["trial", "--ds", "synthetic", "--model", "cnn", "--dv", "0", "1",
+                     "--store", str(tmp_path)])
+    finally:
+        ray.shutdown()
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot fit" in err and "GPU" in err
+
+
 def test_dry_run_prints_trials_and_resources(capsys):
     assert main(["grid", "--space", "paper-nowarmup", "--dry-run"]) == 0
     out = capsys.readouterr().out

@@ -84,9 +84,10 @@ def run_single(cfg: TrialConfig, store: str, experiment: str, trial_id: str,
                address: str | None = None) -> str:
     """The ``trial`` command: on Ray workers, or in this process when ``num_workers == 0``."""
     if cfg.num_workers > 0:
-        from .sweep import connect
+        from .sweep import cluster_nodes, connect, plan
 
         connect(address)
+        plan([cfg], cluster_nodes())  # a trial that cannot fit is an error, not a hang
     try:
         return fit_trial(cfg, store, experiment, trial_id)
     except Exception as exc:  # the store row says failed; say why on one line too
