@@ -282,6 +282,7 @@ class StoreCallback(tune.Callback):
     def __init__(self, store: str, experiment: str) -> None:
         self.store, self.experiment = store, experiment
         self.metrics: SweepMetrics | None = None
+        self.final: dict[str, str] = {}  # trial id -> stored status, once it has ended
 
     def setup(self, **info: Any) -> None:
         self.metrics = SweepMetrics(self.experiment)
@@ -310,14 +311,19 @@ class StoreCallback(tune.Callback):
         self._export(trials)
 
     def _export(self, trials: list) -> None:
-        """Pending and running from Tune, the final statuses from the store."""
+        """Pending and running from Tune, the final statuses from the store: each ended
+        trial's row is read once, not the whole table at every event."""
         if self.metrics is None:
             return
         counts = {"pending": sum(t.status == "PENDING" for t in trials),
                   "running": sum(t.status == "RUNNING" for t in trials)}
-        ended = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
-        stored = Store(self.store).read_trials(self.experiment)
-        for status in stored.loc[stored["trial_id"].isin(ended), "status"]:
+        st = Store(self.store)
+        for t in trials:
+            if t.status in ("TERMINATED", "ERROR") and t.trial_id not in self.final:
+                status = st.trial_row(self.experiment, t.trial_id).get("status")
+                if status:
+                    self.final[t.trial_id] = status
+        for status in self.final.values():
             counts[status] = counts.get(status, 0) + 1
         self.metrics.update(counts)
 
