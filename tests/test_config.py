@@ -53,3 +53,23 @@ def test_settings_that_cannot_matter_do_not_change_the_key():
 
 def test_every_setting_is_explained():
     assert set(HELP) == {f.name for f in dataclasses.fields(TrialConfig)}
+
+
+def test_every_numeric_setting_has_one_bound_and_must_be_finite():
+    from tvlars_ray.bounds import BOUNDS
+    from tvlars_ray.config import field_type
+
+    numeric = {f.name for f in dataclasses.fields(TrialConfig)
+               if field_type(f.name)[0] in (int, float)}
+    assert numeric - {"seed"} <= set(BOUNDS)
+    for name in ("lr", "wd", "delay", "alpha", "lmbda"):
+        for value in ("inf", "-inf", "nan"):
+            with pytest.raises(ConfigError, match=name):
+                TrialConfig.from_dict({name: value})
+
+
+def test_the_reference_workers_flag_is_the_loader_workers_setting():
+    from tvlars_ray.run import build_parser
+
+    args = build_parser().parse_args(["trial", "--workers", "3"])
+    assert args.loader_workers == "3"

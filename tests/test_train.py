@@ -92,7 +92,7 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_session, tmp_path):
 @pytest.mark.parametrize("loader", ["torch"])
 def test_dataloader_path_trains_too(ray_session, tmp_path, loader):
     store = str(tmp_path)
-    cfg = tiny(loader=loader, opt="sgd", lr=0.05, epochs=1, workers=0)
+    cfg = tiny(loader=loader, opt="sgd", lr=0.05, epochs=1, loader_workers=0)
     assert fit_trial(cfg, store, "e", "dl") == "completed"
     row = Store(store).read_epochs("e").iloc[0]
     assert row["test_samples"] == 301 and row["train_samples"] == 400

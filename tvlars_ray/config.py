@@ -17,6 +17,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from .bounds import BOUNDS, check
+
 MODES = ("clf", "bt")
 SCHEDULES = ("none", "cosine", "lars-warm")
 STEMS = ("imagenet", "cifar")
@@ -64,7 +66,7 @@ class TrialConfig:
     test_subset: int | None = None
     norm: str = "dataset"
     loader: str = "device"
-    workers: int = 0
+    loader_workers: int = 0
     # Barlow Twins (mode bt)
     cl_epochs: int = 1000
     btlmbda: float = 0.005
@@ -150,7 +152,8 @@ HELP = {
     "norm": "normalisation statistics: dataset (its own) or imagenet (as the reference)",
     "loader": "device (images on the worker's device, batched augmentation) or torch "
               "(DataLoader, per-sample transforms; for data that does not fit in memory)",
-    "workers": "DataLoader processes per worker with loader torch (the reference --workers)",
+    "loader_workers": "DataLoader processes per DDP worker with loader torch (the reference "
+                      "--workers)",
     "cl_epochs": "Barlow Twins pre-training epochs (0: linear evaluation of a random backbone)",
     "btlmbda": "Barlow Twins weight of the off-diagonal terms",
     "projector": "Barlow Twins projector widths, e.g. 4096-4096-4096",
@@ -169,8 +172,8 @@ HELP = {
 
 # Settings that decide where and how fast a trial runs, not what it computes.
 RESOURCE_FIELDS = frozenset(
-    {"data_dir", "workers", "use_gpu", "cpus_per_worker", "gpus_per_worker", "checkpoint_every",
-     "max_failures", "compile"}
+    {"data_dir", "loader_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker",
+     "checkpoint_every", "max_failures", "compile"}
 )
 
 TVLARS_FIELDS = frozenset({"lmbda", "alpha", "delay", "gamma_min", "norm_clip"})
@@ -192,7 +195,7 @@ def irrelevant_fields(c: TrialConfig) -> frozenset[str]:
     if c.mode != "bt":
         out |= BT_FIELDS
     if c.loader != "torch":
-        out.add("workers")
+        out.add("loader_workers")
     if not c.use_gpu:
         out.add("gpus_per_worker")
     return frozenset(out)
@@ -299,44 +302,20 @@ def _validate(c: TrialConfig) -> None:
     _one_of("loader", c.loader, LOADERS)
     _one_of("amp", c.amp, AMPS)
 
-    _need(c.epochs >= 1, f"epochs must be at least 1, got {c.epochs}")
-    _need(c.bs >= 1, f"bs must be at least 1, got {c.bs}")
-    _need(c.lr > 0, f"lr must be positive, got {c.lr}")
-    _need(c.wd >= 0, f"wd must be non-negative, got {c.wd}")
-    _need(0 <= c.momentum < 1, f"momentum must be in [0, 1), got {c.momentum}")
-    _need(c.eta > 0, f"eta must be positive, got {c.eta}")
-    _need(c.lmbda >= 0, f"lmbda must be non-negative, got {c.lmbda}")
-    _need(c.alpha > 0, f"alpha must be positive (phi peaks at 1/alpha), got {c.alpha}")
-    _need(c.gamma_min >= 0, f"gamma_min must be non-negative, got {c.gamma_min}")
-    _need(c.norm_clip is None or c.norm_clip > 0,
-          f"norm_clip must be positive or none, got {c.norm_clip}")
-    _need(c.warmup_epochs >= 0, f"warmup_epochs must be non-negative, got {c.warmup_epochs}")
-    _need(c.workers >= 0, f"workers (data-loader processes) must be >= 0, got {c.workers}")
-    for name in ("train_subset", "test_subset"):
-        value = getattr(c, name)
-        _need(value is None or value >= 1, f"{name} must be at least 1, got {value}")
-
-    _need(c.num_workers >= 0, f"num_workers must be >= 0 (0 = local mode), got {c.num_workers}")
+    for name in FIELD_NAMES:
+        if name in BOUNDS and not (name == "gpus_per_worker" and not c.use_gpu):
+            try:
+                check(name, getattr(c, name))
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
     if c.num_workers > 0:
         _need(
             c.bs % c.num_workers == 0,
             f"bs {c.bs} is not divisible by num_workers {c.num_workers}: "
             f"use a batch size that is a multiple of the worker count",
         )
-    _need(c.cpus_per_worker >= 0, f"cpus_per_worker must be >= 0, got {c.cpus_per_worker}")
-    if c.use_gpu:
-        _need(c.gpus_per_worker > 0,
-              f"gpus_per_worker must be positive with use_gpu, got {c.gpus_per_worker}")
-    _need(c.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {c.checkpoint_every}")
-    _need(c.max_failures >= 0, f"max_failures must be >= 0, got {c.max_failures}")
 
     _need(
         re.fullmatch(r"[1-9]\d*(-[1-9]\d*)*", c.projector) is not None,
         f"projector must look like 4096-4096-4096 (dims joined by '-'), got {c.projector!r}",
     )
-    if c.mode == "bt":
-        _need(c.cl_epochs >= 0,
-              f"cl_epochs must be >= 0 (0: evaluate a random backbone), got {c.cl_epochs}")
-        _need(c.btlmbda >= 0, f"btlmbda must be non-negative, got {c.btlmbda}")
-        _need(c.lr_classifier > 0, f"lr_classifier must be positive, got {c.lr_classifier}")
-        _need(c.lr_backbone >= 0, f"lr_backbone must be non-negative, got {c.lr_backbone}")

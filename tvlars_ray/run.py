@@ -17,6 +17,8 @@ from .config import FIELD_NAMES, HELP, ConfigError, TrialConfig, field_type
 
 DEFAULT_STORE = "results"
 DEFAULT_SPACE = "quickstart"
+# The reference main.py's flags whose names differ from the settings they set.
+REFERENCE_ALIASES = {"loader_workers": ["--workers"]}
 
 
 # -- shared options --------------------------------------------------------------------------
@@ -76,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in FIELD_NAMES:
         base, _ = field_type(name)
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        flags += REFERENCE_ALIASES.get(name, [])
         trial.add_argument(*flags, dest=name, default=None, metavar=base.__name__.upper(),
                            help=f"{HELP[name]} (default: {getattr(TrialConfig, name)})")
     trial.add_argument("--dv", nargs="+", type=int, metavar="GPU",

@@ -238,8 +238,8 @@ def _torch_loader(cfg: TrialConfig, worker: Worker, source, transform, per_worke
     else:  # every test image exactly once over the ranks
         sampler = list(range(worker.rank, len(dataset), worker.world))
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=per_worker, sampler=sampler, num_workers=cfg.workers,
-        worker_init_fn=_seed_loader_worker, persistent_workers=cfg.workers > 0,
+        dataset, batch_size=per_worker, sampler=sampler, num_workers=cfg.loader_workers,
+        worker_init_fn=_seed_loader_worker, persistent_workers=cfg.loader_workers > 0,
         pin_memory=worker.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
     return EpochLoader(loader, worker.device, sampler if train else None)
 
