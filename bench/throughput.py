@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 CIFAR_ZIP = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.zip"
 
+from tvlars_ray.classification import EpochLoader  # noqa: E402
 from tvlars_ray.config import TrialConfig  # noqa: E402
 from tvlars_ray.data import (  # noqa: E402
     BatchAugment,
@@ -43,7 +44,6 @@ from tvlars_ray.data import (  # noqa: E402
     load_dataset,
     torch_transform,
 )
-from tvlars_ray.train import EpochLoader  # noqa: E402
 
 
 def data_config(args) -> dict:
@@ -104,7 +104,7 @@ def plain_epochs(cfg: TrialConfig, device: torch.device, kind: str, epochs: int,
     """Training images/s per epoch of a plain loop (no Ray), the project's model and data."""
     from tvlars_ray.models import build_model
     from tvlars_ray.optim import build_optimizer
-    from tvlars_ray.train import Worker, train_epoch
+    from tvlars_ray.worker import Worker, train_epoch
 
     torch.manual_seed(cfg.seed)
     worker = Worker(0, 1, device, amp, channels_last)
@@ -143,10 +143,11 @@ def plain_trial(cfg: TrialConfig, rank: int = 0, world: int = 1) -> list[dict]:
     images/s and the wall time of train + evaluation."""
     import torch.distributed as dist
 
+    from tvlars_ray.classification import build_loaders
     from tvlars_ray.models import build_model
     from tvlars_ray.optim import build_optimizer
     from tvlars_ray.schedules import build_schedule
-    from tvlars_ray.train import Worker, build_loaders, evaluate, train_epoch
+    from tvlars_ray.worker import Worker, evaluate, train_epoch
 
     torch.manual_seed(cfg.seed)
     worker = Worker(rank, world, torch.device("cpu"), False, False)

@@ -102,11 +102,12 @@ def test_device_loader_and_dataloader_train_alike():
     """The device-resident path and the classic DataLoader path: same accuracy (within noise)."""
     import torch
 
+    from tvlars_ray.classification import build_loaders
     from tvlars_ray.data import dataset_stats, load_dataset
     from tvlars_ray.models import build_model
     from tvlars_ray.optim import build_optimizer
     from tvlars_ray.schedules import build_schedule
-    from tvlars_ray.train import Worker, build_loaders, evaluate, train_epoch
+    from tvlars_ray.worker import Worker, evaluate, train_epoch
 
     curves = {}
     for loader in ("device", "torch"):
@@ -128,3 +129,10 @@ def test_device_loader_and_dataloader_train_alike():
     assert abs(device[-1] - classic[-1]) < 0.1, curves
     assert abs(sum(device) / 6 - sum(classic) / 6) < 0.1, curves
     assert dataset_stats("synthetic", "dataset", load_dataset("synthetic", None, 0, 10, 10)[0])
+
+
+def test_every_mode_has_a_recipe():
+    from tvlars_ray.config import MODES
+    from tvlars_ray.train import RECIPES
+
+    assert set(RECIPES) == set(MODES)

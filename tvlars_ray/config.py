@@ -194,8 +194,10 @@ def irrelevant_fields(c: TrialConfig) -> frozenset[str]:
         out.add("warmup_epochs")
     if c.mode != "bt":
         out |= BT_FIELDS
-    if c.loader != "torch":
+    if c.loader != "torch" or c.mode == "bt":
         out.add("loader_workers")
+    if c.mode == "bt":  # Barlow Twins always augments its views on the device
+        out.add("loader")
     if not c.use_gpu:
         out.add("gpus_per_worker")
     return frozenset(out)
@@ -315,6 +317,9 @@ def _validate(c: TrialConfig) -> None:
             f"use a batch size that is a multiple of the worker count",
         )
 
+    _need(c.mode != "bt" or c.loader == "device",
+          "mode bt augments its two views on the device: loader torch is not supported there "
+          "(drop loader=torch)")
     _need(
         re.fullmatch(r"[1-9]\d*(-[1-9]\d*)*", c.projector) is not None,
         f"projector must look like 4096-4096-4096 (dims joined by '-'), got {c.projector!r}",

@@ -9,7 +9,7 @@ from typing import Any
 
 from .config import TrialConfig
 from .store import Store
-from .train import train_func
+from .train import train_fn_per_worker
 
 
 def worker_resources(cfg: TrialConfig) -> dict[str, float]:
@@ -56,7 +56,7 @@ def fit_trial(cfg: TrialConfig, store: str, experiment: str, trial_id: str,
     st = Store(store)
     st.write_trial(experiment, trial_id, cfg, "running", here=True)
     trainer = TorchTrainer(
-        train_func,
+        train_fn_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "store": st.uri_of(), "experiment": experiment,
                            "trial_id": trial_id},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
