@@ -215,7 +215,7 @@ def ray_trial(cfg: TrialConfig, store: str, name: str) -> list[dict]:
 
 
 def bench_ray(args) -> None:
-    from tvlars_ray.sweep import connect
+    from tvlars_ray.cluster import connect
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     epochs = max(args.repeats, 3) + 1

@@ -158,10 +158,10 @@ def _sweep(args: argparse.Namespace, space) -> Any:
 
 def _cluster_gpus(args: argparse.Namespace) -> float:
     """GPUs in the cluster (starting or joining Ray): decides the default worker kind."""
-    from .sweep import cluster_nodes, connect
+    from .cluster import cluster_gpus, connect
 
     connect(args.address)
-    return sum(n.get("GPU", 0) for n in cluster_nodes())
+    return cluster_gpus()
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
@@ -189,7 +189,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 
 def cmd_optuna(args: argparse.Namespace) -> int:
-    from .sweep import plan, run_optuna
+    from .cluster import plan
+    from .sweep import run_optuna
 
     space = _load(args)
     if not space.is_optuna:
@@ -311,12 +312,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _planned(st, experiment: str) -> int:
-    from .sweep import SweepError, load_grid
-
-    try:
-        return len(load_grid(st, experiment))
-    except SweepError:  # not a grid: an Optuna study or single trials
-        return 0
+    """Trials the experiment's grid holds (0 for an Optuna study or single trials)."""
+    return len(st.read_grid(experiment) or {})
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -338,7 +335,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _print_dry_run(space, trials: list[TrialConfig]) -> None:
-    from .sweep import plan, trial_table
+    from .cluster import plan
+    from .sweep import trial_table
 
     merged = space.raw_points() - len(trials)
     print(f"space '{space.name}'" + (f": {space.description}" if space.description else ""))
@@ -360,6 +358,7 @@ COMMANDS = {"grid": cmd_grid, "optuna": cmd_optuna, "trial": cmd_trial, "status"
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cluster import ClusterError
     from .data import DataError
     from .store import StoreError
     from .sweep import SweepError
@@ -367,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, SweepError, DataError, StoreError) as exc:
+    except (ConfigError, SweepError, ClusterError, DataError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

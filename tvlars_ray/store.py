@@ -33,6 +33,7 @@ from .config import TrialConfig, field_type, irrelevant_fields
 
 STATUSES = ("running", "completed", "diverged", "stopped", "failed")
 STAGES = ("train", "pretrain", "linear")
+GRID_FILE = "grid.json"
 
 _PA_TYPES = {int: pa.int64(), float: pa.float64(), bool: pa.bool_(), str: pa.string()}
 _TS = pa.timestamp("us", tz="UTC")
@@ -231,6 +232,32 @@ class Store:
     def row_config(row: dict[str, Any]) -> TrialConfig:
         """The TrialConfig a stored trial row was written from, exactly."""
         return TrialConfig.from_dict(json.loads(row["config"]))
+
+    # -- experiment files -------------------------------------------------------------------
+    def write_json(self, experiment: str, name: str, value: Any) -> None:
+        """A small JSON file in the experiment's folder, replaced atomically."""
+        folder = self.path(experiment)
+        self.fs.create_dir(folder, recursive=True)
+        tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}"
+        with self.fs.open_output_stream(tmp) as fh:
+            fh.write(json.dumps(value, indent=1, sort_keys=True).encode())
+        self.fs.move(tmp, self.path(experiment, name))
+
+    def read_json(self, experiment: str, name: str) -> Any | None:
+        """The JSON file's value, or None if the experiment has no such file."""
+        path = self.path(experiment, name)
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as fh:
+            return json.loads(fh.read().decode())
+
+    def write_grid(self, experiment: str, grid: dict[str, dict[str, Any]]) -> None:
+        """The grid as it was started: trial key -> settings (a resume runs exactly this)."""
+        self.write_json(experiment, GRID_FILE, grid)
+
+    def read_grid(self, experiment: str) -> dict[str, dict[str, Any]] | None:
+        """The grid the experiment was started with, or None if `grid` did not start it."""
+        return self.read_json(experiment, GRID_FILE)
 
     # -- reading --------------------------------------------------------------------------
     def _files(self, folder: str) -> list[str]:
