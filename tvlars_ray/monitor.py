@@ -13,6 +13,8 @@ from typing import Any
 
 import ray
 
+from .store import STATUSES
+
 TRIAL_TAGS = ("experiment", "trial_id", "opt", "bs")
 TRIAL_GAUGES = {
     "epoch": "epochs finished by the trial",
@@ -54,6 +56,6 @@ class SweepMetrics:
                            tag_keys=("experiment", "status"))
 
     def update(self, counts: dict[str, int]) -> None:
-        for status in ("pending", "running", "completed", "diverged", "stopped", "failed"):
+        for status in ("pending", *STATUSES):
             self.gauge.set(float(counts.get(status, 0)),
                            tags={"experiment": self.experiment, "status": status})

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .config import FIELD_NAMES, RESOURCE_FIELDS  # noqa: E402
-from .store import Store  # noqa: E402
+from .store import ENDED, Store  # noqa: E402
 
 GROUP = ["ds", "model", "mode"]
 SCIENCE = [f for f in FIELD_NAMES if f not in RESOURCE_FIELDS and f != "seed"]
@@ -266,7 +266,7 @@ def write_report(store: Store, experiment: str | None, out: str | Path | None) -
     folder.mkdir(parents=True, exist_ok=True)
     trials = store.read_trials(experiment)
     epochs = store.read_epochs(experiment)
-    finished = trials[trials["status"].isin(["completed", "diverged", "stopped"])]
+    finished = trials[trials["status"].isin(ENDED)]
     table = paper_table(finished)
     points = _points(finished)
     table.to_csv(folder / "table.csv", index=False)

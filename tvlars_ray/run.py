@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import FIELD_NAMES, HELP, ConfigError, TrialConfig, field_type
+from .console import fmt, pct, render_table
 
 DEFAULT_STORE = "results"
 DEFAULT_SPACE = "quickstart"
@@ -264,29 +265,16 @@ def summary_table(st, experiment: str | None) -> str:
     for row in trials.to_dict("records"):
         values = {k: row[k] for k in FIELD_NAMES if row.get(k) is not None and row[k] == row[k]}
         cfgs.append(TrialConfig.from_dict(values))
-    keys = [k for k in ("opt", "lr") if k not in varying_keys(cfgs)] + varying_keys(cfgs)
-    keys = list(dict.fromkeys(["opt", "lr", *keys]))
+    keys = list(dict.fromkeys(["opt", "lr", *varying_keys(cfgs)]))
     header = ["trial", *keys, "epochs", "final_acc", "best_acc", "status"]
-    rows = []
-    for row, cfg in zip(trials.to_dict("records"), cfgs):
-        rows.append([row["trial_id"], *(_fmt(getattr(cfg, k)) for k in keys),
-                     str(row["epochs_done"]), _pct(row["final_test_acc"]),
-                     _pct(row["best_test_acc"]), row["status"]])
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in [header, *rows]]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _pct(value: Any) -> str:
-    return "-" if value is None or value != value else f"{100 * value:.2f}%"
+    rows = [[row["trial_id"], *(fmt(getattr(cfg, k)) for k in keys), row["epochs_done"],
+             pct(row["final_test_acc"]), pct(row["best_test_acc"]), row["status"]]
+            for row, cfg in zip(trials.to_dict("records"), cfgs)]
+    return render_table(header, rows, rule=True)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .store import Store
+    from .store import STATUSES, Store
 
     st = Store(args.store)
     names = [args.experiment] if args.experiment else st.experiments()
@@ -301,8 +289,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         counts = trials["status"].value_counts().to_dict() if len(trials) else {}
         planned = _planned(st, name)
         pending = max(planned - len(trials), 0) if planned else 0
-        parts = [f"{counts.get(s, 0)} {s}" for s in
-                 ("completed", "running", "diverged", "stopped", "failed")]
+        parts = [f"{counts.get(s, 0)} {s}" for s in STATUSES]
         if pending:
             parts.append(f"{pending} not started")
         print(f"experiment {name}: {len(trials)} trials ({', '.join(parts)})")
@@ -344,10 +331,7 @@ def _print_dry_run(space, trials: list[TrialConfig]) -> None:
     table = trial_table(trials)
     keys = list(table[0]) if table and table[0] else []
     if keys:
-        widths = [max(len(k), *(len(_fmt(r[k])) for r in table)) for k in keys]
-        print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
-        for row in table:
-            print("  ".join(_fmt(row[k]).ljust(w) for k, w in zip(keys, widths)))
+        print(render_table(keys, [[fmt(row[k]) for k in keys] for row in table]))
     epochs = sum(c.epochs + (c.cl_epochs if c.mode == "bt" else 0) for c in trials)
     print(f"total: {epochs} trial-epochs")
     print(plan(trials, None).describe().replace("; 1 trial(s) at a time", ""))

@@ -32,6 +32,8 @@ import pyarrow.parquet as pq
 from .config import TrialConfig, field_type, irrelevant_fields
 
 STATUSES = ("running", "completed", "diverged", "stopped", "failed")
+# Trials that ended: those the report tables count.
+ENDED = ("completed", "diverged", "stopped")
 STAGES = ("train", "pretrain", "linear")
 GRID_FILE = "grid.json"
 

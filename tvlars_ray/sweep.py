@@ -18,6 +18,7 @@ from ray import tune
 
 from .cluster import Plan, check_shared_store, cluster_nodes, connect, plan
 from .config import ConfigError, TrialConfig
+from .console import pct, render_table
 from .monitor import SweepMetrics
 from .store import Store
 from .trial import expected_epochs, final_status, fit_trial, one_line
@@ -131,20 +132,11 @@ class ProgressTable(tune.Callback):
                 str(cfg.get("bs", TrialConfig.bs)), f"{float(cfg.get('lr', TrialConfig.lr)):g}",
                 f"{float(cfg.get('lmbda', TrialConfig.lmbda)):g}"
                 if cfg.get("opt") == "tvlars" else "-",
-                epoch, _pct(acc), _pct(self.best.get(trial.trial_id)),
+                epoch, pct(acc), pct(self.best.get(trial.trial_id)),
                 f"{result['samples_per_s']:.0f}" if "samples_per_s" in result else "-",
             ])
-        widths = [max(len(str(x)) for x in col) for col in zip(self.COLUMNS, *rows)]
-        lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths))
-                 for line in [self.COLUMNS, *rows]]
         head = "trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
-        return "\n".join(["", head, *lines])
-
-
-def _pct(value: Any) -> str:
-    if not isinstance(value, (int, float)) or value != value:
-        return "-"
-    return f"{100 * value:.1f}%"
+        return "\n".join(["", head, render_table(self.COLUMNS, rows)])
 
 
 class StoreCallback(tune.Callback):
