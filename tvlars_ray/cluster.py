@@ -22,6 +22,7 @@ import ray
 
 from . import compat
 from .config import TrialConfig
+from .errors import UserError
 from .store import Store
 
 DRIVER_RESOURCE = "TUNE_DRIVER"
@@ -34,7 +35,7 @@ TRAIN_POLL_S = "0.25"
 LOCAL_REPORTER_MS = "15000"
 
 
-class ClusterError(RuntimeError):
+class ClusterError(UserError, RuntimeError):
     """The cluster cannot run the trials as asked; the message says why and what to change."""
 
 

@@ -14,10 +14,15 @@ import json
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .bounds import BOUNDS, check
+from .data import DATASETS
+from .errors import UserError
+from .models import MODELS
+from .optim import available_optimizers
 
 MODES = ("clf", "bt")
 SCHEDULES = ("none", "cosine", "lars-warm")
@@ -27,7 +32,7 @@ LOADERS = ("device", "torch")
 AMPS = ("auto", "none", "bf16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad setting. The message is one readable line naming the setting and the fix."""
 
 
@@ -203,6 +208,21 @@ def irrelevant_fields(c: TrialConfig) -> frozenset[str]:
     return frozenset(out)
 
 
+def trial_table(trials: Sequence[TrialConfig]) -> list[dict[str, Any]]:
+    """The settings that vary across trials, one dict per trial (for --dry-run and display)."""
+    keys = varying_keys(trials)
+    return [{k: getattr(c, k) for k in keys} for c in trials]
+
+
+def varying_keys(trials: Sequence[TrialConfig]) -> list[str]:
+    keys = []
+    for name in TrialConfig.__dataclass_fields__:
+        values = {getattr(c, name) for c in trials if name not in irrelevant_fields(c)}
+        if len(values) > 1:
+            keys.append(name)
+    return keys
+
+
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrialConfig))
 _HINTS = typing.get_type_hints(TrialConfig)
 
@@ -290,10 +310,6 @@ def _one_of(name: str, value: str, choices: typing.Iterable[str]) -> None:
 
 
 def _validate(c: TrialConfig) -> None:
-    from .data import DATASETS
-    from .models import MODELS
-    from .optim import available_optimizers
-
     _one_of("mode", c.mode, MODES)
     _one_of("dataset (ds)", c.ds, DATASETS)
     _one_of("model", c.model, MODELS)

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from filelock import FileLock
 
+from .errors import UserError
+
 DATASETS = ("synthetic", "cifar10", "cifar100", "tinyimagenet", "imagefolder")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -31,7 +33,7 @@ _CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 _SYNTHETIC_SIZES = {"train": 5000, "test": 1000}
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A dataset that cannot be found or read; the message says where to put the files."""
 
 

@@ -36,7 +36,7 @@ class SmallCNN(nn.Module):
 
 def build_model(name: str, num_classes: int, stem: str = "imagenet") -> nn.Module:
     """An untrained classifier with its head sized for ``num_classes``."""
-    import torchvision.models as tvm
+    import torchvision.models as tvm  # seconds to import: only a worker building a model pays
 
     if name == "cnn":
         return SmallCNN(num_classes)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import ray
+from ray.util.metrics import Gauge
 
 from .store import STATUSES
 
@@ -31,8 +32,6 @@ class TrialMetrics:
         self.gauges = {}
         if not ray.is_initialized() or not trial_id:
             return
-        from ray.util.metrics import Gauge
-
         self.tags = {"experiment": str(experiment), "trial_id": str(trial_id), "opt": opt,
                      "bs": str(bs)}
         self.gauges = {name: Gauge(f"tvlars_{name}", description=text, tag_keys=TRIAL_TAGS)
@@ -49,8 +48,6 @@ class SweepMetrics:
     """Trials of a sweep per status, set by the driver as Tune reports them."""
 
     def __init__(self, experiment: str) -> None:
-        from ray.util.metrics import Gauge
-
         self.experiment = experiment
         self.gauge = Gauge("tvlars_trials", description="trials of the sweep per status",
                            tag_keys=("experiment", "status"))

@@ -22,6 +22,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .config import FIELD_NAMES, RESOURCE_FIELDS  # noqa: E402
+from .optim import tvlars_phi  # noqa: E402
+from .schedules import lr_multiplier  # noqa: E402
 from .store import ENDED, Store  # noqa: E402
 
 GROUP = ["ds", "model", "mode"]
@@ -179,9 +181,6 @@ def plot_heatmaps(trials: pd.DataFrame, out: Path) -> list[Path]:
 
 def plot_schedules(trials: pd.DataFrame, epochs: pd.DataFrame, out: Path) -> list[Path]:
     """The lr multiplier of each schedule present, and TVLARS phi(t) for each lambda."""
-    from .optim import tvlars_phi
-    from .schedules import lr_multiplier
-
     if trials.empty:
         return []
     steps_per_epoch = 1

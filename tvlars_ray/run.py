@@ -2,6 +2,10 @@
 
 Every setting is checked before Ray starts; a bad one ends the command with a one-line
 ``error:`` naming it, and exit status 2.
+
+Ray Tune, Ray Train and matplotlib take seconds to import, so the commands import the modules
+built on them (sweep, trial, cluster, report) when they need them: ``--help``, ``status`` and
+a refused input answer at once.
 """
 
 from __future__ import annotations
@@ -13,8 +17,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import FIELD_NAMES, HELP, ConfigError, TrialConfig, field_type
+from .config import (
+    FIELD_NAMES,
+    HELP,
+    ConfigError,
+    TrialConfig,
+    field_type,
+    trial_table,
+    varying_keys,
+)
 from .console import fmt, pct, render_table
+from .data import ensure_available
+from .errors import UserError
+from .spaces import load_space, parse_overrides
+from .store import STATUSES, Store
 
 DEFAULT_STORE = "results"
 DEFAULT_SPACE = "quickstart"
@@ -130,8 +146,6 @@ def _resource_overrides(args: argparse.Namespace, space_fixed: dict[str, Any],
 
 
 def _load(args: argparse.Namespace, cluster_gpus: float = 0.0):
-    from .spaces import load_space, parse_overrides
-
     space = load_space(args.space or DEFAULT_SPACE)
     overrides = parse_overrides(args.overrides)
     overrides.update(_resource_overrides(args, {**space.fixed, **overrides}, cluster_gpus))
@@ -142,8 +156,6 @@ def _load(args: argparse.Namespace, cluster_gpus: float = 0.0):
 
 def check_data(trials: list[TrialConfig]) -> None:
     """Every dataset the trials need is there (or downloadable) before Ray starts."""
-    from .data import ensure_available
-
     for ds, data_dir in sorted({(c.ds, c.data_dir) for c in trials}, key=str):
         ensure_available(ds, data_dir)
 
@@ -237,8 +249,6 @@ def cmd_trial(args: argparse.Namespace) -> int:
 
 
 def _finish(args: argparse.Namespace, experiment: str, report: bool) -> None:
-    from .store import Store
-
     st = Store(args.store)
     print()
     print(summary_table(st, experiment))
@@ -251,10 +261,8 @@ def _finish(args: argparse.Namespace, experiment: str, report: bool) -> None:
         print(f"report: {out}")
 
 
-def summary_table(st, experiment: str | None) -> str:
+def summary_table(st: Store, experiment: str | None) -> str:
     """One line per trial: its settings that vary, final and best accuracy, status."""
-    from .sweep import varying_keys
-
     trials = st.read_trials(experiment)
     if trials.empty:
         return "no trials recorded"
@@ -274,8 +282,6 @@ def summary_table(st, experiment: str | None) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .store import STATUSES, Store
-
     st = Store(args.store)
     names = [args.experiment] if args.experiment else st.experiments()
     if not names:
@@ -298,14 +304,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _planned(st, experiment: str) -> int:
+def _planned(st: Store, experiment: str) -> int:
     """Trials the experiment's grid holds (0 for an Optuna study or single trials)."""
     return len(st.read_grid(experiment) or {})
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
-    from .store import Store
 
     out = write_report(Store(args.store), args.experiment, args.out)
     print(f"report written to {out}")
@@ -314,7 +319,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .report import export_reference
-    from .store import Store
 
     written = export_reference(Store(args.store), args.experiment, Path(args.out))
     print(f"wrote {len(written)} files under {args.out}")
@@ -323,7 +327,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _print_dry_run(space, trials: list[TrialConfig]) -> None:
     from .cluster import plan
-    from .sweep import trial_table
 
     merged = space.raw_points() - len(trials)
     print(f"space '{space.name}'" + (f": {space.description}" if space.description else ""))
@@ -342,15 +345,10 @@ COMMANDS = {"grid": cmd_grid, "optuna": cmd_optuna, "trial": cmd_trial, "status"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cluster import ClusterError
-    from .data import DataError
-    from .store import StoreError
-    from .sweep import SweepError
-
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, SweepError, ClusterError, DataError, StoreError) as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

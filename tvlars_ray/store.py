@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
 import socket
 import uuid
 from collections.abc import Iterable
@@ -28,8 +29,10 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import ray
 
 from .config import TrialConfig, field_type, irrelevant_fields
+from .errors import UserError
 
 STATUSES = ("running", "completed", "diverged", "stopped", "failed")
 # Trials that ended: those the report tables count.
@@ -101,14 +104,12 @@ TRIAL_SCHEMA = _schema(IDENTITY_COLUMNS + CONFIG_COLUMNS + TRIAL_COLUMNS)
 SCHEMA = {"epochs": EPOCH_SCHEMA, "trials": TRIAL_SCHEMA}
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """The store cannot be used as asked."""
 
 
 def node_ip() -> str:
     try:
-        import ray
-
         if ray.is_initialized():
             return ray.util.get_node_ip_address()
     except Exception:  # noqa: BLE001 - the address is informative only
@@ -119,8 +120,6 @@ def node_ip() -> str:
 def node_id() -> str | None:
     """This process's Ray node (two nodes on one machine share an address, not an id)."""
     try:
-        import ray
-
         if ray.is_initialized():
             return ray.get_runtime_context().get_node_id()
     except Exception:  # noqa: BLE001 - informative only
@@ -146,8 +145,6 @@ class Store:
         if "://" in self.uri:
             self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
         else:
-            import os
-
             self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(self.uri)
         self.root = self.root.rstrip("/")
 

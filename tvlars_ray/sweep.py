@@ -10,39 +10,27 @@ trial (an early stop, a crash).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
 
 from .cluster import Plan, check_shared_store, cluster_nodes, connect, plan
 from .config import ConfigError, TrialConfig
 from .console import pct, render_table
+from .errors import UserError
 from .monitor import SweepMetrics
 from .store import Store
 from .trial import expected_epochs, final_status, fit_trial, one_line
 
 
-class SweepError(RuntimeError):
+class SweepError(UserError, RuntimeError):
     """The sweep cannot start as asked; the message says why and what to change."""
-
-
-def trial_table(trials: Sequence[TrialConfig]) -> list[dict[str, Any]]:
-    """The settings that vary across trials, one dict per trial (for --dry-run and display)."""
-    keys = varying_keys(trials)
-    return [{k: getattr(c, k) for k in keys} for c in trials]
-
-
-def varying_keys(trials: Sequence[TrialConfig]) -> list[str]:
-    from .config import irrelevant_fields
-
-    keys = []
-    for name in TrialConfig.__dataclass_fields__:
-        values = {getattr(c, name) for c in trials if name not in irrelevant_fields(c)}
-        if len(values) > 1:
-            keys.append(name)
-    return keys
 
 
 # -- the Tune trial ----------------------------------------------------------------------
@@ -55,8 +43,6 @@ def train_driver_fn(config: dict[str, Any], store: str, experiment: str,
     A grid trial finds its settings in ``grid`` under ``config["trial"]``; an Optuna trial
     merges its sampled values into ``base``.
     """
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     cfg = TrialConfig.from_dict(trial_settings(config, grid, base))
     fit_trial(cfg, store, experiment, tune.get_context().get_trial_id(),
               callbacks=[TuneReportCallback()], record_failure=False)
@@ -109,8 +95,6 @@ class ProgressTable(tune.Callback):
         self._maybe_print(trials, force=True)
 
     def _maybe_print(self, trials: list, force: bool = False) -> None:
-        import time
-
         now = time.monotonic()
         if not force and now - self.last_print < self.every:
             return
@@ -287,9 +271,6 @@ def run_grid(trials: Sequence[TrialConfig], sweep: Sweep) -> tune.ResultGrid:
 def run_optuna(space, num_samples: int, sweep: Sweep, seed: int = 0,
                asha: bool = False, grace_period: int = 1) -> tune.ResultGrid:
     """An Optuna study through Tune's OptunaSearch (seeded), optionally with ASHA stopping."""
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
     st = sweep.prepare()
     base = space.base_config()
     probe = TrialConfig.from_dict(base)
