@@ -19,6 +19,10 @@ BAD = [
     (["grid", "--cpus-per-worker", "0"], "cpus_per_worker must be positive"),
     (["grid", "--set", "gpus_per_worker=inf"], "gpus_per_worker must be a finite number"),
     (["trial", "--wd", "inf", "--local"], "wd must be finite and non-negative"),
+    (["grid", "--experiment", ".."], "experiment name '..' is not allowed"),
+    (["report"], "no store at"),
+    (["export"], "no store at"),
+    (["check"], "no store at"),
     (["grid", "--set", "ds=imagefolder"], "imagefolder needs --data-dir"),
     (["grid", "--set", "ds=imagefolder", "--set", "data_dir=/nowhere/x.zip"],
      "not found in /nowhere"),
@@ -28,7 +32,7 @@ BAD = [
     (["grid", "--resume", "--experiment", "never-ran"], "nothing to resume"),
     (["trial", "--opt", "khlars", "--local"], "unknown optimizer (opt) 'khlars'"),
     (["trial", "--bs", "33", "--dv", "0", "1"], "bs 33 is not divisible by num_workers 2"),
-    (["status", "--experiment", "ghost"], "no experiment 'ghost'"),
+    (["status", "--experiment", "ghost"], "no store at"),
 ]
 
 

@@ -116,18 +116,32 @@ class Tally:
 
 
 class Recorder:
-    """Rank 0's link to the store and the live metrics; the other ranks record nothing."""
+    """Rank 0's link to the store and the live metrics; the other ranks record nothing.
+
+    A refill (``job["fill"]``: the (stage, epoch) pairs a trial lost from the store) re-runs
+    the trial from its start but writes only those epochs, and ends after the last of them:
+    the epochs still stored stay as they were.
+    """
 
     def __init__(self, cfg: TrialConfig, job: dict[str, Any], worker: Worker) -> None:
         self.cfg, self.worker = cfg, worker
         self.experiment, self.trial_id = job.get("experiment"), job.get("trial_id")
+        self.fill = {(stage, int(epoch)) for stage, epoch in job.get("fill") or []}
         lead = worker.rank == 0
         self.store = Store(job["store"]) if job.get("store") and lead else None
         self.live = TrialMetrics(self.experiment, self.trial_id if lead else None, cfg.opt,
                                  cfg.bs)
         self.node, self.node_id = node_ip(), node_id()
 
+    def filled(self, stage: str, epoch: int) -> bool:
+        """A refill has written every lost epoch before (stage, epoch): it may stop."""
+        order = {name: i for i, name in enumerate(("pretrain", "train", "linear"))}
+        return bool(self.fill) and all((order[s], e) < (order[stage], epoch)
+                                       for s, e in self.fill)
+
     def record(self, stage: str, epoch: int, metrics: dict[str, Any]) -> None:
+        if self.fill and (stage, epoch) not in self.fill:
+            return
         if self.store is not None:
             row = {"stage": stage, "epoch": epoch, "world_size": self.worker.world,
                    "backend": dist.get_backend() if self.worker.distributed else None,
@@ -288,6 +302,8 @@ def run_stage(stage: Stage, worker: Worker, cfg: TrialConfig, recorder: Recorder
     """
     start = stage.restore(state) if state is not None else 0
     for epoch in range(start, stage.epochs):
+        if recorder.filled(stage.name, epoch):
+            return True
         began = time.perf_counter()
         torch.manual_seed(epoch_seed(cfg.seed, stage.seed_offset + epoch, worker.rank))
         stage.loader.set_epoch(epoch)
