@@ -44,17 +44,19 @@ from .worker import (
 def run(cfg: TrialConfig, job: dict[str, Any]) -> None:
     """One classification trial on this worker, from its checkpoint if it has one."""
     worker = Worker.current(cfg)
+    recorder = Recorder(cfg, job, worker)
     seed_everything(cfg.seed)
     train_loader, test_loader, num_classes = build_loaders(cfg, worker)
+    recorder.mark("data_ready_at")
     model = prepare_model(build_model(cfg.model, num_classes, cfg.stem), worker, cfg.compile)
     optimizer = build_optimizer(cfg.opt, model, cfg)
     schedule = build_schedule(optimizer, cfg.sd, cfg.epochs, len(train_loader), cfg.bs,
                               cfg.warmup_epochs)
     stage = Stage(
         "train", model, optimizer, schedule, train_loader, cfg.epochs,
-        one_epoch=lambda: train_epoch(model, train_loader, optimizer, schedule, worker),
+        one_epoch=lambda batches: train_epoch(model, batches, optimizer, schedule, worker),
         evaluate=lambda: evaluate(model, test_loader, worker, topk5=num_classes > 10))
-    run_stage(stage, worker, cfg, Recorder(cfg, job, worker), load_checkpoint(worker.device))
+    run_stage(stage, worker, cfg, recorder, load_checkpoint(worker.device))
 
 
 # -- data ------------------------------------------------------------------------------------
