@@ -37,13 +37,13 @@ from tvlars_ray.config import TrialConfig  # noqa: E402
 from tvlars_ray.data import (  # noqa: E402
     BatchAugment,
     DeviceLoader,
+    EpochLoader,
     Transformed,
     dataset_stats,
     in_memory_dataset,
     load_dataset,
     torch_transform,
 )
-from tvlars_ray.train import EpochLoader  # noqa: E402
 
 
 def data_config(args) -> dict:

@@ -1,0 +1,213 @@
+"""Batches for a trial's rank: from images held on the device, or from a torch DataLoader.
+
+:class:`DeviceLoader` keeps the decoded uint8 tensors on the worker's device and augments
+whole batches there (no loader processes); ``loader="torch"`` keeps the classic
+``DataLoader`` with per-sample torchvision transforms (streaming image folders from disk) for
+data that does not fit. :func:`build_loaders` picks one from a trial's settings.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from .augment import BatchAugment, torch_transform
+from .decode import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageSet,
+    dataset_stats,
+    load_dataset,
+    stratified_indices,
+)
+from .sources import FOLDER_DATASETS, folder_source, imagefolder_dir
+
+
+class DeviceLoader:
+    """Batches of this rank's shard of a seeded permutation, from images on the device.
+
+    Every rank draws the same permutation for an epoch (from ``seed`` and the epoch), pads it
+    by wrapping so it divides by the world size (as ``DistributedSampler`` does), and takes
+    every ``world``-th index from its rank: shards are disjoint and cover the epoch, and all
+    ranks step the same number of times. For evaluation (``shuffle=False``) the shards are
+    disjoint without padding, so every test image is counted exactly once.
+    """
+
+    def __init__(self, data: ImageSet, batch_size: int, augment: BatchAugment,
+                 device: torch.device, rank: int = 0, world: int = 1, seed: int = 0,
+                 shuffle: bool = True) -> None:
+        self.images = data.images.to(device)
+        self.labels = data.labels.to(device)
+        self.batch_size, self.augment, self.device = batch_size, augment, device
+        self.rank, self.world, self.seed, self.shuffle = rank, world, seed, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> torch.Tensor:
+        n = len(self.labels)
+        if not self.shuffle:
+            return torch.arange(self.rank, n, self.world, device=self.device)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(n, generator=g)
+        total = math.ceil(n / self.world) * self.world
+        order = torch.cat([order, order[: total - n]]) if total > n else order
+        return order[self.rank::self.world].to(self.device)
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        per_rank = math.ceil(n / self.world) if self.shuffle else len(range(self.rank, n,
+                                                                              self.world))
+        return math.ceil(per_rank / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        index = self._indices()
+        g = None
+        if self.augment.train:
+            g = torch.Generator(device=self.device)
+            g.manual_seed((self.seed * 100_003 + self.epoch) * 1009 + self.rank)
+        for start in range(0, len(index), self.batch_size):
+            batch = index[start:start + self.batch_size]
+            yield self.augment(self.images[batch], g), self.labels[batch]
+
+
+# -- the torch DataLoader path ---------------------------------------------------------------
+class Transformed(torch.utils.data.Dataset):
+    """``dataset[index[i]]`` through a per-sample transform."""
+
+    def __init__(self, dataset, index: torch.Tensor, transform) -> None:
+        self.dataset, self.index, self.transform = dataset, index.tolist(), transform
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        image, label = self.dataset[self.index[i]]
+        return self.transform(image), int(label)
+
+
+class _InMemory(torch.utils.data.Dataset):
+    def __init__(self, data: ImageSet) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        return self.data.images[i], self.data.labels[i]
+
+
+def in_memory_dataset(data: ImageSet) -> torch.utils.data.Dataset:
+    """An ImageSet as a map-style dataset of (uint8 image, label)."""
+    return _InMemory(data)
+
+
+def streamed_folders(ds: str, data_dir: str | None, seed: int, train_subset: int | None,
+                     test_subset: int | None, norm: str):
+    """Image folders read from disk image by image (for ``loader="torch"``): nothing is
+    decoded up front, so the data need not fit in memory. Returns the two splits as
+    (dataset, transform-less) pairs, the class count and the normalisation statistics."""
+    from torchvision.datasets import ImageFolder  # heavy: only the streamed path needs it
+
+    folder = imagefolder_dir(folder_source(ds, data_dir))
+    splits = []
+    for split, n, offset in (("train", train_subset, 0), ("test", test_subset, 1)):
+        full = ImageFolder(str(folder / split))
+        labels = torch.tensor(full.targets)
+        index = (stratified_indices(labels, len(full.classes), n, seed + offset)
+                 if n and n < len(full) else torch.arange(len(full)))
+        splits.append((full, index))
+    (train, train_index), (test, test_index) = splits
+    if norm == "imagenet":
+        stats = (IMAGENET_MEAN, IMAGENET_STD)
+    else:  # estimate from a sample, without reading the whole set
+        sample = train_index[torch.randperm(len(train_index),
+                                            generator=torch.Generator().manual_seed(seed))[:2000]]
+        total, squares, count = np.zeros(3), np.zeros(3), 0
+        for i in sample.tolist():
+            pixels = np.asarray(train[i][0].convert("RGB"), dtype=np.float64).reshape(-1, 3) / 255
+            total += pixels.sum(0)
+            squares += (pixels ** 2).sum(0)
+            count += len(pixels)
+        mean = total / count
+        stats = (tuple(mean.tolist()), tuple(np.sqrt(squares / count - mean ** 2).tolist()))
+    return (train, train_index), (test, test_index), len(train.classes), stats
+
+
+class EpochLoader:
+    """A DataLoader behaving like the device loader: ``set_epoch`` reseeds the sampler's
+    order, batches arrive on the device. (Ray's ``prepare_data_loader`` would add its own,
+    unseeded sampler; moving batches here also keeps the loop usable without Ray.)"""
+
+    def __init__(self, loader, device: torch.device, sampler=None) -> None:
+        self.loader, self.device, self.sampler = loader, device, sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def _seed_loader_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _torch_loader(cfg: Any, rank: int, world: int, device: torch.device, source, transform,
+                  per_worker: int, train: bool) -> EpochLoader:
+    """The classic path: a DataLoader with per-sample transforms and a seeded sampler."""
+    dataset = Transformed(*source, transform)
+    if train:
+        sampler = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    else:  # every test image exactly once over the ranks
+        sampler = list(range(rank, len(dataset), world))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=per_worker, sampler=sampler, num_workers=cfg.loader_workers,
+        worker_init_fn=_seed_loader_worker, persistent_workers=cfg.loader_workers > 0,
+        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+    return EpochLoader(loader, device, sampler if train else None)
+
+
+def build_loaders(cfg: Any, rank: int, world: int, device: torch.device):
+    """Train and test batch iterables for this rank, plus the number of classes.
+
+    ``cfg`` is a trial's settings (a TrialConfig, or anything with its ``ds``, ``data_dir``,
+    ``seed``, ``train_subset``, ``test_subset``, ``norm``, ``loader``, ``loader_workers`` and
+    ``bs``); ``bs`` is the global batch, split evenly over the ``world`` ranks.
+    """
+    per_worker = cfg.bs // world
+    if cfg.loader == "torch" and cfg.ds in FOLDER_DATASETS:  # streamed from disk
+        train, test, num_classes, (mean, std) = streamed_folders(
+            cfg.ds, cfg.data_dir, cfg.seed, cfg.train_subset, cfg.test_subset, cfg.norm)
+        size = None
+    else:
+        train_set, test_set = load_dataset(cfg.ds, cfg.data_dir, cfg.seed, cfg.train_subset,
+                                           cfg.test_subset)
+        mean, std = dataset_stats(cfg.ds, cfg.norm, train_set)
+        num_classes, size = train_set.num_classes, train_set.image_size
+        if cfg.loader == "device":
+            train_loader = DeviceLoader(train_set, per_worker, BatchAugment(mean, std), device,
+                                        rank, world, cfg.seed, shuffle=True)
+            test_loader = DeviceLoader(test_set, per_worker, BatchAugment(mean, std, train=False),
+                                       device, rank, world, cfg.seed, shuffle=False)
+            return train_loader, test_loader, num_classes
+        train = (in_memory_dataset(train_set), torch.arange(len(train_set)))
+        test = (in_memory_dataset(test_set), torch.arange(len(test_set)))
+    return (_torch_loader(cfg, rank, world, device, train, torch_transform(mean, std, size, True),
+                          per_worker, True),
+            _torch_loader(cfg, rank, world, device, test, torch_transform(mean, std, size, False),
+                          per_worker, False), num_classes)
