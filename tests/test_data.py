@@ -1,4 +1,9 @@
 import io
+import os
+import signal
+import subprocess
+import sys
+import time
 import zipfile
 
 import numpy as np
@@ -11,6 +16,7 @@ from tvlars_ray.data import (
     DataError,
     DeviceLoader,
     ImageSet,
+    check_trial,
     ensure_available,
     load_dataset,
     stratified_subset,
@@ -18,6 +24,8 @@ from tvlars_ray.data import (
     torch_transform,
 )
 from tvlars_ray.models import build_model
+
+from .conftest import ROOT
 
 
 def test_synthetic_is_deterministic_and_cifar_shaped():
@@ -167,3 +175,167 @@ def test_missing_datasets_say_where_to_put_the_files(tmp_path, monkeypatch):
         archive.writestr("train/a/1.png", b"")
     with pytest.raises(DataError, match="no images under test"):
         ensure_available("imagefolder", str(half))
+
+
+# -- damaged data is refused before Ray starts, naming the file --------------------------------
+def _jpeg(seed=0, size=(16, 16)):
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _jpeg_zip(path, per_split=(4, 2), bad=None, classes=("cat", "dog")):
+    """train/<class>/*.jpg and test/<class>/*.jpg; the member ``bad`` cut to half its bytes."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for split, n in zip(("train", "test"), per_split):
+            for c in classes:
+                for i in range(n):
+                    name = f"{split}/{c}/{i:03d}.jpg"
+                    data = _jpeg(i)
+                    archive.writestr(name, data[: len(data) // 2] if name == bad else data)
+    return path
+
+
+def _cfg(ds="imagefolder", data_dir=None, loader="device", **extra):
+    from types import SimpleNamespace
+
+    values = dict(ds=ds, data_dir=data_dir, loader=loader, mode="clf", seed=0, bs=4,
+                  train_subset=None, test_subset=None, norm="dataset", loader_workers=0,
+                  use_gpu=False, num_workers=2)
+    return SimpleNamespace(**{**values, **extra})
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TVLARS_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "decoded"
+
+
+def _trusted(cache):
+    """Cache folders a later load would use."""
+    return [p for p in cache.iterdir() if p.is_dir() and (p / "done").exists()] \
+        if cache.exists() else []
+
+
+def test_truncated_zip_is_refused_naming_it(tmp_path, cache):
+    whole = _jpeg_zip(tmp_path / "whole.zip").read_bytes()
+    cut = tmp_path / "cut.zip"
+    cut.write_bytes(whole[: len(whole) * 2 // 3])
+    for loader in ("device", "torch"):
+        with pytest.raises(DataError, match=rf"{cut} is not a readable \.zip archive"):
+            check_trial(_cfg(data_dir=str(cut), loader=loader))
+    assert not _trusted(cache)
+
+
+@pytest.mark.parametrize("loader", ["device", "torch"])
+def test_undecodable_image_in_a_zip_is_refused_naming_the_member(tmp_path, cache, loader):
+    source = _jpeg_zip(tmp_path / "bad.zip", bad="train/dog/002.jpg")
+    with pytest.raises(DataError) as err:
+        check_trial(_cfg(data_dir=str(source), loader=loader))
+    assert f"{source}: member 'train/dog/002.jpg' is not a readable image" in str(err.value)
+    assert not _trusted(cache) and not list(cache.glob("*.tmp*"))
+
+
+def test_damaged_member_data_is_refused_naming_the_member(tmp_path, cache):
+    source = _jpeg_zip(tmp_path / "crc.zip")
+    with zipfile.ZipFile(source) as archive:  # stored: the member's bytes follow its header
+        info = archive.getinfo("train/cat/001.jpg")
+    data = bytearray(source.read_bytes())
+    offset = info.header_offset + 30 + len(info.filename) + len(info.extra) + 300
+    data[offset:offset + 8] = bytes(255 - b for b in data[offset:offset + 8])
+    source.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"member 'train/cat/001.jpg' cannot be read .*CRC"):
+        check_trial(_cfg(data_dir=str(source)))
+
+
+def test_folder_without_test_split_is_refused(tmp_path, cache):
+    for c in ("cat", "dog"):
+        (tmp_path / "set" / "train" / c).mkdir(parents=True)
+        (tmp_path / "set" / "train" / c / "1.jpg").write_bytes(_jpeg())
+    with pytest.raises(DataError, match=r"set has no images under test/<class>/"):
+        check_trial(_cfg(data_dir=str(tmp_path / "set")))
+    (tmp_path / "set" / "test" / "cat").mkdir(parents=True)
+    (tmp_path / "set" / "test" / "cat" / "1.jpg").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"set/test/cat/1.jpg is not a readable image"):
+        check_trial(_cfg(data_dir=str(tmp_path / "set"), loader="torch"))
+
+
+def test_a_decode_failing_half_way_leaves_no_cache(tmp_path, cache):
+    source = _jpeg_zip(tmp_path / "mid.zip", per_split=(6, 2), bad="test/cat/001.jpg")
+    with pytest.raises(DataError, match="test/cat/001.jpg"):  # after all of train/
+        load_dataset("imagefolder", str(source), seed=0)
+    assert not _trusted(cache) and [p.name for p in cache.iterdir()] == [
+        p.name for p in cache.glob("*.lock")]
+
+
+def test_a_decode_killed_half_way_leaves_no_cache_a_later_load_trusts(tmp_path, cache):
+    """A decoding process SIGKILLed mid-way: its temporary folder is never trusted, and the
+    next load removes it and decodes afresh."""
+    source = _jpeg_zip(tmp_path / "big.zip", per_split=(20, 5))
+    script = ("import sys, time\n"
+              "import tvlars_ray.data.decode as decode\n"
+              "real = decode.decode_image\n"
+              "def slow(archive, member):\n"
+              "    time.sleep(0.05)\n"
+              "    return real(archive, member)\n"
+              "decode.decode_image = slow\n"
+              "decode.load_dataset('imagefolder', sys.argv[1], 0)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", script, str(source)], env=env)
+    try:
+        deadline = time.time() + 120
+        while not list(cache.glob("*.tmp-*/train_images.npy")):
+            assert proc.poll() is None and time.time() < deadline, "the decode never started"
+            time.sleep(0.02)
+        proc.kill()
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert list(cache.glob("*.tmp-*")) and not _trusted(cache)
+    train, test = load_dataset("imagefolder", str(source), seed=0)
+    assert len(train) == 40 and len(test) == 10
+    assert not list(cache.glob("*.tmp-*")) and len(_trusted(cache)) == 1
+
+
+BROKEN = {
+    "truncated.zip": lambda p: p.write_bytes(_jpeg_zip(p).read_bytes()[:300]),
+    "badjpeg.zip": lambda p: _jpeg_zip(p, bad="test/dog/001.jpg"),
+    "notest": lambda p: [(p / "train" / c).mkdir(parents=True) for c in "ab"]
+    and [(p / "train" / c / "1.jpg").write_bytes(_jpeg()) for c in "ab"],
+}
+
+
+@pytest.mark.parametrize("name, words", [
+    ("truncated.zip", "truncated.zip is not a readable .zip archive"),
+    ("badjpeg.zip", "member 'test/dog/001.jpg' is not a readable image"),
+    ("notest", "notest has no images under test/<class>/"),
+])
+def test_grid_refuses_broken_data_in_one_line_before_ray_starts(name, words, tmp_path, cache,
+                                                                capsys):
+    import ray
+
+    from tvlars_ray.run import main
+
+    BROKEN[name](tmp_path / name)
+    store = tmp_path / "store"
+    argv = ["grid", "--set", "ds=imagefolder", "--set", f"data_dir={tmp_path / name}",
+            "--store", str(store)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and words in err, err
+    assert not ray.is_initialized() and not store.exists()
+
+
+def test_the_command_exits_2_with_one_line(tmp_path, cache):
+    source = _jpeg_zip(tmp_path / "bad.zip", bad="train/cat/000.jpg")
+    done = subprocess.run([sys.executable, "-m", "tvlars_ray.run", "grid", "--set",
+                           "ds=imagefolder", "--set", f"data_dir={source}", "--store",
+                           str(tmp_path / "store")],
+                          capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "member 'train/cat/000.jpg'" in done.stderr
+    assert "Ray" not in done.stdout + done.stderr

@@ -140,11 +140,11 @@ def _load(args: argparse.Namespace, cluster_gpus: float = 0.0):
 
 
 def check_data(trials: list[TrialConfig]) -> None:
-    """Every dataset the trials need is there (or downloadable) before Ray starts."""
-    from .data import ensure_available
+    """Every dataset the trials need is there and readable the way they read it, before Ray
+    starts."""
+    from .data import check_trials
 
-    for ds, data_dir in sorted({(c.ds, c.data_dir) for c in trials}, key=str):
-        ensure_available(ds, data_dir)
+    check_trials(trials)
 
 
 def _sweep(args: argparse.Namespace, space) -> Any:

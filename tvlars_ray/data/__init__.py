@@ -1,7 +1,7 @@
 """Datasets for the trials, in four layers (each imports only those above it):
 
 - ``sources``: where data lives (one data-root helper, the cache folder), finding and
-  downloading sources, listing an image folder or zip without decoding it;
+  downloading sources, the layout of an image folder or zip (its splits, nothing decoded);
 - ``synthetic``: the generated offline dataset;
 - ``decode``: every dataset decoded once into cached uint8 tensors; subsets and statistics;
 - ``augment``: the batched device augmentation and the per-sample torchvision pipelines;
@@ -10,42 +10,46 @@
 """
 
 from .augment import BatchAugment, torch_transform
-from .check import ensure_available
+from .check import check_trial, check_trials, ensure_available
 from .decode import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageSet,
     dataset_stats,
+    decode_image,
     load_dataset,
-    load_imagefolder,
     stratified_indices,
     stratified_subset,
 )
 from .loaders import (
     DeviceLoader,
     EpochLoader,
+    Streamed,
     Transformed,
     build_loaders,
     in_memory_dataset,
     streamed_folders,
+    streams_from_disk,
 )
 from .sources import (
     DATASETS,
     FOLDER_DATASETS,
+    Archive,
     DataError,
+    Layout,
     cache_dir,
     data_root,
     default_data_dir,
+    find_layout,
     folder_source,
-    imagefolder_dir,
 )
 from .synthetic import synthetic_arrays
 
 __all__ = [
-    "DATASETS", "FOLDER_DATASETS", "IMAGENET_MEAN", "IMAGENET_STD", "BatchAugment", "DataError",
-    "DeviceLoader", "EpochLoader", "ImageSet", "Transformed", "build_loaders", "cache_dir",
-    "data_root", "dataset_stats", "default_data_dir", "ensure_available", "folder_source",
-    "imagefolder_dir", "in_memory_dataset", "load_dataset", "load_imagefolder",
-    "stratified_indices", "stratified_subset", "streamed_folders", "synthetic_arrays",
-    "torch_transform",
+    "DATASETS", "FOLDER_DATASETS", "IMAGENET_MEAN", "IMAGENET_STD", "Archive", "BatchAugment",
+    "DataError", "DeviceLoader", "EpochLoader", "ImageSet", "Layout", "Streamed", "Transformed",
+    "build_loaders", "cache_dir", "check_trial", "check_trials", "data_root", "dataset_stats",
+    "decode_image", "default_data_dir", "ensure_available", "find_layout", "folder_source",
+    "in_memory_dataset", "load_dataset", "stratified_indices", "stratified_subset",
+    "streamed_folders", "streams_from_disk", "synthetic_arrays", "torch_transform",
 ]

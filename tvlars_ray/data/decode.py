@@ -1,35 +1,41 @@
 """Datasets decoded once into uint8 tensors (N, C, H, W), cached, with subsets and statistics.
 
-No trial re-decodes JPEGs every epoch: an image folder is decoded into ``.npy`` arrays in the
-cache on first use, and every later trial and worker loads them in a fraction of a second.
+No trial re-decodes JPEGs every epoch: a source is decoded into ``.npy`` arrays in the cache
+on first use, and every later trial and worker loads them in a fraction of a second. The
+cache folder appears only when complete (built in a temporary folder, then renamed), so a
+decode that dies half-way leaves nothing a later load would trust.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from filelock import FileLock
+from PIL import Image
 
 from .sources import (
     DATASETS,
+    Archive,
     DataError,
+    Layout,
     cache_dir,
     cifar_arrays,
     data_root,
-    existing,
-    find_tinyimagenet,
-    imagefolder_needs_dir,
-    list_images,
-    no_images,
-    source_key,
+    folder_source,
+    layout_at,
 )
 from .synthetic import SYNTHETIC_SIZES, synthetic_arrays
 
+# Bumped when the cache's content changes meaning: older caches are then ignored.
+CACHE_VERSION = 2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
@@ -74,15 +80,10 @@ def load_dataset(ds: str, data_dir: str | None, seed: int,
             images, labels = synthetic_arrays(n or SYNTHETIC_SIZES[split], seed, split)
             sets.append(ImageSet(images, labels, tuple(str(c) for c in range(10))))
         return sets[0], sets[1]
-    root = data_root(data_dir)
     if ds in ("cifar10", "cifar100"):
-        train, test = (ImageSet(*arrays) for arrays in cifar_arrays(ds, root))
-    elif ds == "tinyimagenet":
-        train, test = load_imagefolder(find_tinyimagenet(root))
-    elif ds == "imagefolder":
-        if not data_dir:
-            raise imagefolder_needs_dir()
-        train, test = load_imagefolder(root)
+        train, test = (ImageSet(*arrays) for arrays in cifar_arrays(ds, data_root(data_dir)))
+    elif ds in DATASETS:
+        train, test = read_cache(decoded(ds, data_dir))
     else:
         raise DataError(f"unknown dataset '{ds}': choose one of {', '.join(DATASETS)}")
     return (stratified_subset(train, train_subset, seed),
@@ -117,58 +118,93 @@ def dataset_stats(ds: str, norm: str, train: ImageSet) -> tuple[tuple[float, ...
     return train.channel_stats()
 
 
-# -- image folders (and zips of them), decoded once into a cache -------------------------------
-def load_imagefolder(path: Path) -> tuple[ImageSet, ImageSet]:
-    """``train/<class>/*`` and ``test/<class>/*`` from a folder or a .zip, decoded once.
+# -- the cache ---------------------------------------------------------------------------------
+def decoded(ds: str, data_dir: str | None) -> Path:
+    """The cache folder of an image-folder dataset, decoding it first if needed."""
+    path = folder_source(ds, data_dir)
+    return cached(path, lambda folder: write_layout(layout_at(ds, path), folder))
 
-    The decoded uint8 arrays are cached (keyed by the source's path, size and mtime), so each
-    later trial and worker loads them in a fraction of a second.
+
+def cached(source: Path, build: Callable[[Path], None]) -> Path:
+    """The cache folder of ``source``, made by ``build(folder)`` unless already complete.
+
+    Keyed by the source's path, size and mtime. ``build`` writes into a temporary folder
+    renamed into place only when it returns, all under a lock: whoever holds the lock is the
+    only writer, so temporary folders found then were left by a killed decode and go.
     """
-    path = existing(path)
-    target = cache_dir() / "decoded" / f"{path.stem}-{source_key(path)}"
+    stat = source.stat()
+    key = hashlib.sha1(f"{CACHE_VERSION}:{source}:{stat.st_size}:{stat.st_mtime_ns}"
+                       .encode()).hexdigest()[:16]
+    target = cache_dir() / "decoded" / f"{source.stem}-{key}"
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if not (target / "done").exists():
-            _decode_to_cache(path, target)
-    classes = tuple((target / "classes.txt").read_text().split("\n"))
+        if (target / "done").exists():
+            return target
+        for stale in target.parent.iterdir():
+            if stale.name.startswith(f"{target.name}.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+        if target.exists():  # not done: never trusted
+            shutil.rmtree(target)
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        tmp.mkdir()
+        try:
+            build(tmp)
+            (tmp / "done").write_text("ok")
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def read_cache(folder: Path) -> tuple[ImageSet, ImageSet]:
+    classes = tuple((folder / "classes.txt").read_text().split("\n"))
     return tuple(  # type: ignore[return-value]
-        ImageSet(torch.from_numpy(np.load(target / f"{split}_images.npy")),
-                 torch.from_numpy(np.load(target / f"{split}_labels.npy")), classes)
+        ImageSet(torch.from_numpy(np.load(folder / f"{split}_images.npy")),
+                 torch.from_numpy(np.load(folder / f"{split}_labels.npy")), classes)
         for split in ("train", "test"))
 
 
-def _decode_to_cache(path: Path, target: Path) -> None:
-    from PIL import Image
+def decode_image(archive: Archive, member: str) -> Image.Image:
+    """One image as RGB; one that cannot be decoded is a DataError naming it."""
+    data = archive.read(member)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{archive.where(member)} is not a readable image ({exc}): replace or "
+                        f"remove it") from None
 
-    splits, opener = list_images(path)
-    for split, items in splits.items():
-        if not items:
-            raise no_images(path, split)
-    classes = sorted({c for c, _ in splits["train"]})
-    index = {c: i for i, c in enumerate(classes)}
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+
+def write_layout(layout: Layout, folder: Path) -> None:
+    """Decode every image of a layout into ``folder``: ``{split}_images.npy`` (uint8, NCHW,
+    written as it goes, so the set never has to fit in memory twice), labels, class names."""
     size = None
-    for split, items in splits.items():
-        items.sort(key=lambda item: (index.get(item[0], -1), item[1]))
-        unknown = {c for c, _ in items if c not in index}
-        if unknown:
-            raise DataError(f"{path}: {split}/ has classes missing from train/: {sorted(unknown)}")
+    for split in ("train", "test"):
+        items = layout.split(split)
         images = None
-        for i, (_, name) in enumerate(items):
-            img = Image.open(io.BytesIO(opener(name))).convert("RGB")
-            if size is None:
-                size = img.size
-            if img.size != size:
-                img = img.resize(size, Image.BILINEAR)
+        for i, (member, _) in enumerate(items):
+            image = decode_image(layout.archive, member)
+            size = size or image.size
+            if image.size != size:
+                image = image.resize(size, Image.BILINEAR)
             if images is None:
-                images = np.empty((len(items), 3, size[1], size[0]), dtype=np.uint8)
-            images[i] = np.asarray(img).transpose(2, 0, 1)
-        labels = np.array([index[c] for c, _ in items], dtype=np.int64)
-        np.save(tmp / f"{split}_images.npy", images)
-        np.save(tmp / f"{split}_labels.npy", labels)
-    (tmp / "classes.txt").write_text("\n".join(classes))
-    (tmp / "done").write_text("ok")
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+                images = np.lib.format.open_memmap(folder / f"{split}_images.npy", mode="w+",
+                                                   dtype=np.uint8,
+                                                   shape=(len(items), 3, size[1], size[0]))
+            images[i] = np.asarray(image).transpose(2, 0, 1)
+        images.flush()
+        del images
+        np.save(folder / f"{split}_labels.npy",
+                np.array([label for _, label in items], dtype=np.int64))
+    (folder / "classes.txt").write_text("\n".join(layout.classes))
+
+
+def survey(layout: Layout, per_split: int = 64, seed: int = 0) -> dict[tuple[int, int], str]:
+    """Decode a seeded sample of each split: {(width, height): a member of that size}."""
+    sizes: dict[tuple[int, int], str] = {}
+    g = torch.Generator().manual_seed(seed)
+    for split in ("train", "test"):
+        items = layout.split(split)
+        for i in torch.randperm(len(items), generator=g)[:per_split].tolist():
+            sizes.setdefault(decode_image(layout.archive, items[i][0]).size, items[i][0])
+    return sizes

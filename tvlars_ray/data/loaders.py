@@ -22,10 +22,11 @@ from .decode import (
     IMAGENET_STD,
     ImageSet,
     dataset_stats,
+    decode_image,
     load_dataset,
     stratified_indices,
 )
-from .sources import FOLDER_DATASETS, folder_source, imagefolder_dir
+from .sources import FOLDER_DATASETS, Layout, find_layout
 
 
 class DeviceLoader:
@@ -108,19 +109,36 @@ def in_memory_dataset(data: ImageSet) -> torch.utils.data.Dataset:
     return _InMemory(data)
 
 
+def streams_from_disk(cfg: Any) -> bool:
+    """Whether a trial reads its images from disk as it goes rather than from memory."""
+    return cfg.loader == "torch" and cfg.ds in FOLDER_DATASETS
+
+
+class Streamed(torch.utils.data.Dataset):
+    """One split of a layout, read and decoded image by image: (RGB image, label)."""
+
+    def __init__(self, layout: Layout, split: str) -> None:
+        self.archive, self.items = layout.archive, layout.split(split)
+        self.labels = torch.tensor([label for _, label in self.items], dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        member, label = self.items[i]
+        return decode_image(self.archive, member), label
+
+
 def streamed_folders(ds: str, data_dir: str | None, seed: int, train_subset: int | None,
                      test_subset: int | None, norm: str):
     """Image folders read from disk image by image (for ``loader="torch"``): nothing is
     decoded up front, so the data need not fit in memory. Returns the two splits as
-    (dataset, transform-less) pairs, the class count and the normalisation statistics."""
-    from torchvision.datasets import ImageFolder  # heavy: only the streamed path needs it
-
-    folder = imagefolder_dir(folder_source(ds, data_dir))
+    (dataset, index) pairs, the class count and the normalisation statistics."""
+    layout = find_layout(ds, data_dir)
     splits = []
     for split, n, offset in (("train", train_subset, 0), ("test", test_subset, 1)):
-        full = ImageFolder(str(folder / split))
-        labels = torch.tensor(full.targets)
-        index = (stratified_indices(labels, len(full.classes), n, seed + offset)
+        full = Streamed(layout, split)
+        index = (stratified_indices(full.labels, len(layout.classes), n, seed + offset)
                  if n and n < len(full) else torch.arange(len(full)))
         splits.append((full, index))
     (train, train_index), (test, test_index) = splits
@@ -131,13 +149,13 @@ def streamed_folders(ds: str, data_dir: str | None, seed: int, train_subset: int
                                             generator=torch.Generator().manual_seed(seed))[:2000]]
         total, squares, count = np.zeros(3), np.zeros(3), 0
         for i in sample.tolist():
-            pixels = np.asarray(train[i][0].convert("RGB"), dtype=np.float64).reshape(-1, 3) / 255
+            pixels = np.asarray(train[i][0], dtype=np.float64).reshape(-1, 3) / 255
             total += pixels.sum(0)
             squares += (pixels ** 2).sum(0)
             count += len(pixels)
         mean = total / count
         stats = (tuple(mean.tolist()), tuple(np.sqrt(squares / count - mean ** 2).tolist()))
-    return (train, train_index), (test, test_index), len(train.classes), stats
+    return (train, train_index), (test, test_index), len(layout.classes), stats
 
 
 class EpochLoader:
@@ -190,7 +208,7 @@ def build_loaders(cfg: Any, rank: int, world: int, device: torch.device):
     ``bs``); ``bs`` is the global batch, split evenly over the ``world`` ranks.
     """
     per_worker = cfg.bs // world
-    if cfg.loader == "torch" and cfg.ds in FOLDER_DATASETS:  # streamed from disk
+    if streams_from_disk(cfg):
         train, test, num_classes, (mean, std) = streamed_folders(
             cfg.ds, cfg.data_dir, cfg.seed, cfg.train_subset, cfg.test_subset, cfg.norm)
         size = None

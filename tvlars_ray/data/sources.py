@@ -1,14 +1,18 @@
-"""Where datasets live: the data root, the cache, and how each source is found or downloaded.
+"""Where datasets live, and which images make each split of a source, read without decoding.
 
-A source is a file or folder the user put somewhere (a CIFAR tarball, an image folder or a
-.zip of one); this module finds it and lists its images without decoding them.
+A source is what the user put somewhere: a CIFAR tarball, an image folder or a .zip of one.
+This module resolves the data root (once, in :func:`data_root`), finds each dataset's source
+(downloading it where that works) and lists its layout: the (member, label) pairs of each
+split. Anything the trial could not read this way is refused here, naming the file, and the
+member inside an archive.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import zipfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +20,7 @@ from filelock import FileLock
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "tinyimagenet", "imagefolder")
 FOLDER_DATASETS = ("imagefolder", "tinyimagenet")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 class DataError(RuntimeError):
@@ -33,7 +38,7 @@ def default_data_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    """Decoded and extracted datasets: TVLARS_CACHE_DIR, else the user's cache folder."""
+    """Decoded datasets: TVLARS_CACHE_DIR, else the user's cache folder."""
     if os.environ.get("TVLARS_CACHE_DIR"):
         return Path(os.environ["TVLARS_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -42,11 +47,6 @@ def cache_dir() -> Path:
 
 def missing(what: str, where: Path, fix: str) -> DataError:
     return DataError(f"{what} not found in {where} and it could not be downloaded: {fix}")
-
-
-def imagefolder_needs_dir() -> DataError:
-    return DataError("dataset imagefolder needs --data-dir pointing at a folder or .zip "
-                     "holding train/<class>/ and test/<class>/ images")
 
 
 # -- CIFAR: torchvision's reader, which downloads the tarball where it can --------------------
@@ -67,56 +67,114 @@ def cifar_arrays(ds: str, root: Path):
              torch.tensor(s.targets, dtype=torch.int64), tuple(s.classes)) for s in sets]
 
 
-# -- image folders (train/<class>/, test/<class>/) and zips of them -----------------------------
-def find_tinyimagenet(root: Path) -> Path:
-    for candidate in (root / "tinyimagenet", root / "tinyimagenet.zip",
-                      root / "tiny-imagenet-200", root):
-        if (candidate / "train").is_dir() or candidate.suffix == ".zip" and candidate.exists():
-            return candidate
-    raise missing("tinyimagenet", root,
-                  f"put the prepared folder (train/<class>/, test/<class>/) or its .zip at "
-                  f"{root / 'tinyimagenet'}[.zip], or point --data-dir at its parent")
+# -- folders and zips ----------------------------------------------------------------------------
+class Archive:
+    """The files of a folder or a .zip, by relative name (``train/cat/1.jpg``).
+
+    A zip that cannot be opened (truncated, not a zip) is refused when the Archive is made; a
+    member that cannot be read (a bad checksum, damaged compressed data) when it is read, the
+    error naming the member. Each process opens the zip for itself: DataLoader processes
+    must not share one file handle.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.is_zip = path.is_file()
+        self._zip: zipfile.ZipFile | None = None
+        self._pid = 0
+        if self.is_zip:
+            self._handle()
+
+    def _handle(self) -> zipfile.ZipFile:
+        if self._zip is None or self._pid != os.getpid():
+            try:
+                self._zip = zipfile.ZipFile(self.path)
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise DataError(f"{self.path} is not a readable .zip archive ({exc}): it is "
+                                f"truncated or damaged; copy or download it again") from None
+            self._pid = os.getpid()
+        return self._zip
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_zip": None}
+
+    def names(self) -> list[str]:
+        if self.is_zip:
+            return [n for n in self._handle().namelist() if not n.endswith("/")]
+        return sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*")
+                      if p.is_file())
+
+    def has(self, name: str) -> bool:
+        if self.is_zip:
+            try:
+                self._handle().getinfo(name)
+            except KeyError:
+                return False
+            return True
+        return (self.path / name).is_file()
+
+    def read(self, name: str) -> bytes:
+        try:
+            if self.is_zip:
+                return self._handle().read(name)
+            return (self.path / name).read_bytes()
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError) as exc:
+            fix = "the archive is damaged; copy or download it again" if self.is_zip else \
+                "replace or remove it"
+            raise DataError(f"{self.where(name)} cannot be read ({exc}): {fix}") from None
+
+    def where(self, name: str) -> str:
+        """The member named for a message: the file, and the member inside an archive."""
+        return f"{self.path}: member '{name}'" if self.is_zip else str(self.path / name)
 
 
-def existing(path: Path) -> Path:
-    path = Path(path).expanduser().resolve()
-    if not path.exists():
-        raise missing("image folder", path.parent,
-                      f"expected {path} to be a folder or .zip with train/<class>/ and "
-                      f"test/<class>/ images")
-    return path
+@dataclass
+class Layout:
+    """Which images make each split of a source: (member, label) pairs, nothing decoded."""
+
+    archive: Archive
+    classes: tuple[str, ...]
+    train: list[tuple[str, int]]
+    test: list[tuple[str, int]]
+
+    @property
+    def path(self) -> Path:
+        return self.archive.path
+
+    def split(self, name: str) -> list[tuple[str, int]]:
+        return self.train if name == "train" else self.test
 
 
-def folder_source(ds: str, data_dir: str | None) -> Path:
-    """The folder or zip an image-folder dataset is read from."""
-    if ds == "imagefolder" and not data_dir:
-        raise imagefolder_needs_dir()
-    root = data_root(data_dir)
-    return find_tinyimagenet(root) if ds == "tinyimagenet" else existing(root)
+def _base(names: list[str], marker: str) -> str:
+    """The folder a layout starts in: the top, or the one top folder holding ``marker``."""
+    if any(n.startswith(marker) for n in names):
+        return ""
+    tops = {n.split("/", 1)[0] + "/" for n in names
+            if "/" in n and n.split("/", 1)[1].startswith(marker)}
+    return tops.pop() if len(tops) == 1 else ""
 
 
-def list_images(path: Path) -> tuple[dict[str, list[tuple[str, str]]], object]:
-    """{split: [(class, member)]} and an opener for members, for a folder or a zip."""
-    splits: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
-    suffixes = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-    if path.suffix == ".zip":
-        archive = zipfile.ZipFile(path)
-        names = archive.namelist()
-        opener = archive.read
-    else:
-        names = [str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()]
-
-        def opener(name: str) -> bytes:
-            return (path / name).read_bytes()
+def class_folders(archive: Archive) -> Layout:
+    """``train/<class>/*`` and ``test/<class>/*`` (torchvision's ImageFolder layout per
+    split), optionally inside one top folder; labels are the sorted train class names."""
+    names = archive.names()
+    base = _base(names, "train/")
+    found: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
     for name in names:
-        parts = Path(name).parts
-        # accept an optional top-level folder inside the archive
-        for i in range(min(2, len(parts) - 2)):
-            if parts[i] in splits and len(parts) == i + 3:
-                if name.lower().endswith(suffixes):
-                    splits[parts[i]].append((parts[i + 1], name))
-                break
-    return splits, opener
+        parts = name[len(base):].split("/") if name.startswith(base) else []
+        if len(parts) == 3 and parts[0] in found and parts[2].lower().endswith(IMAGE_SUFFIXES):
+            found[parts[0]].append((name, parts[1]))
+    for split, items in found.items():
+        if not items:
+            raise no_images(archive.path, split)
+    classes = sorted({c for _, c in found["train"]})
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({c for _, c in found["test"]} - set(index))
+    if unknown:
+        raise DataError(f"{archive.path}: test/ has classes missing from train/: {unknown}")
+    splits = [sorted((index[c], name) for name, c in found[s]) for s in ("train", "test")]
+    return Layout(archive, tuple(classes), *([(name, label) for label, name in items]
+                                             for items in splits))
 
 
 def no_images(path: Path, split: str) -> DataError:
@@ -124,25 +182,37 @@ def no_images(path: Path, split: str) -> DataError:
                      f"train/<class>/*.jpg and test/<class>/*.jpg")
 
 
-def source_key(path: Path) -> str:
-    """Names the cache of a source: changes when the source's path, size or mtime does."""
-    stat = path.stat()
-    return hashlib.sha1(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+# -- finding each dataset --------------------------------------------------------------------
+def folder_source(ds: str, data_dir: str | None) -> Path:
+    """The folder or zip an image-folder dataset is read from."""
+    if ds == "imagefolder" and not data_dir:
+        raise DataError("dataset imagefolder needs --data-dir pointing at a folder or .zip "
+                        "holding train/<class>/ and test/<class>/ images")
+    root = data_root(data_dir)
+    if ds == "tinyimagenet":
+        return _find_tinyimagenet(root)
+    path = root.resolve()
+    if not path.exists():
+        raise missing("image folder", path.parent,
+                      f"expected {path} to be a folder or .zip with train/<class>/ and "
+                      f"test/<class>/ images")
+    return path
 
 
-def imagefolder_dir(path: Path) -> Path:
-    """A folder holding train/ and test/: the folder itself, or a zip extracted once."""
-    path = Path(path).expanduser().resolve()
-    if path.is_dir():
-        return path
-    target = cache_dir() / "extracted" / f"{path.stem}-{source_key(path)}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if not (target / ".done").exists():
-            with zipfile.ZipFile(path) as archive:
-                archive.extractall(target)
-            (target / ".done").write_text("ok")
-    for candidate in [target, *(p for p in target.iterdir() if p.is_dir())]:
-        if (candidate / "train").is_dir():
-            return candidate
-    raise DataError(f"{path} has no train/ folder inside")
+def _find_tinyimagenet(root: Path) -> Path:
+    for candidate in (root / "tinyimagenet", root / "tinyimagenet.zip",
+                      root / "tiny-imagenet-200", root):
+        if (candidate / "train").is_dir() or candidate.suffix == ".zip" and candidate.exists():
+            return candidate.resolve()
+    raise missing("tinyimagenet", root,
+                  f"put the prepared folder (train/<class>/, test/<class>/) or its .zip at "
+                  f"{root / 'tinyimagenet'}[.zip], or point --data-dir at its parent")
+
+
+def find_layout(ds: str, data_dir: str | None) -> Layout:
+    """The layout of an image-folder dataset, refused unless a trial could read it."""
+    return layout_at(ds, folder_source(ds, data_dir))
+
+
+def layout_at(ds: str, path: Path) -> Layout:
+    return class_folders(Archive(path))
