@@ -1,9 +1,13 @@
 import io
 import os
+import pickle
+import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
+import urllib.error
 import zipfile
 
 import numpy as np
@@ -16,6 +20,7 @@ from tvlars_ray.data import (
     DataError,
     DeviceLoader,
     ImageSet,
+    build_loaders,
     check_trial,
     ensure_available,
     load_dataset,
@@ -300,11 +305,26 @@ def test_a_decode_killed_half_way_leaves_no_cache_a_later_load_trusts(tmp_path, 
     assert not list(cache.glob("*.tmp-*")) and len(_trusted(cache)) == 1
 
 
-BROKEN = {
-    "truncated.zip": lambda p: p.write_bytes(_jpeg_zip(p).read_bytes()[:300]),
-    "badjpeg.zip": lambda p: _jpeg_zip(p, bad="test/dog/001.jpg"),
-    "notest": lambda p: [(p / "train" / c).mkdir(parents=True) for c in "ab"]
-    and [(p / "train" / c / "1.jpg").write_bytes(_jpeg()) for c in "ab"],
+def _no_annotations(path):
+    files = _tiny_files()
+    files.pop("val/val_annotations.txt")
+    path.mkdir()
+    _write_tree(files, path / "tiny-imagenet-200.zip")
+
+
+def _cut_tarball(path):
+    _cifar_tarball(path)
+    tarball = path / "cifar-100-python.tar.gz"
+    tarball.write_bytes(tarball.read_bytes()[:1000])
+
+
+BROKEN = {  # name: (dataset, how to make it)
+    "truncated.zip": ("imagefolder", lambda p: p.write_bytes(_jpeg_zip(p).read_bytes()[:300])),
+    "badjpeg.zip": ("imagefolder", lambda p: _jpeg_zip(p, bad="test/dog/001.jpg")),
+    "notest": ("imagefolder", lambda p: [(p / "train" / c).mkdir(parents=True) for c in "ab"]
+               and [(p / "train" / c / "1.jpg").write_bytes(_jpeg()) for c in "ab"]),
+    "tiny": ("tinyimagenet", _no_annotations),
+    "cifar": ("cifar100", _cut_tarball),
 }
 
 
@@ -312,6 +332,8 @@ BROKEN = {
     ("truncated.zip", "truncated.zip is not a readable .zip archive"),
     ("badjpeg.zip", "member 'test/dog/001.jpg' is not a readable image"),
     ("notest", "notest has no images under test/<class>/"),
+    ("tiny", "no tiny-imagenet-200/val/val_annotations.txt"),
+    ("cifar", "cifar-100-python.tar.gz is not a readable tar archive"),
 ])
 def test_grid_refuses_broken_data_in_one_line_before_ray_starts(name, words, tmp_path, cache,
                                                                 capsys):
@@ -319,9 +341,10 @@ def test_grid_refuses_broken_data_in_one_line_before_ray_starts(name, words, tmp
 
     from tvlars_ray.run import main
 
-    BROKEN[name](tmp_path / name)
+    ds, make = BROKEN[name]
+    make(tmp_path / name)
     store = tmp_path / "store"
-    argv = ["grid", "--set", "ds=imagefolder", "--set", f"data_dir={tmp_path / name}",
+    argv = ["grid", "--set", f"ds={ds}", "--set", f"data_dir={tmp_path / name}",
             "--store", str(store)]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -339,3 +362,196 @@ def test_the_command_exits_2_with_one_line(tmp_path, cache):
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and "member 'train/cat/000.jpg'" in done.stderr
     assert "Ray" not in done.stdout + done.stderr
+
+
+# -- Tiny ImageNet and CIFAR as downloaded ---------------------------------------------------
+WNIDS = ("n01443537", "n01629819", "n01641577")
+
+
+def _tiny_files(per_class=3, val_per_class=2):
+    """The official tiny-imagenet-200 files in miniature: {name: bytes}."""
+    files = {"wnids.txt": "\n".join(reversed(WNIDS)).encode() + b"\n",
+             "words.txt": b"".join(f"{w}\tthing {i}\n".encode() for i, w in enumerate(WNIDS))}
+    for c, w in enumerate(WNIDS):
+        files[f"train/{w}/{w}_boxes.txt"] = f"{w}_0.JPEG\t0\t0\t7\t7\n".encode()
+        for i in range(per_class):
+            files[f"train/{w}/images/{w}_{i}.JPEG"] = _jpeg(10 * c + i)
+    lines = []
+    for k in range(val_per_class * len(WNIDS)):
+        files[f"val/images/val_{k}.JPEG"] = _jpeg(100 + k)
+        lines.append(f"val_{k}.JPEG\t{WNIDS[k % len(WNIDS)]}\t0\t0\t7\t7")
+    files["val/val_annotations.txt"] = ("\n".join(lines) + "\n").encode()
+    for k in range(4):  # the official test split: no labels, ignored
+        files[f"test/images/test_{k}.JPEG"] = _jpeg(200 + k)
+    return files
+
+
+def _write_tree(files, where, top="tiny-imagenet-200/"):
+    if where.suffix == ".zip":
+        with zipfile.ZipFile(where, "w") as archive:
+            for name, data in files.items():
+                archive.writestr(top + name, data)
+    else:
+        for name, data in files.items():
+            (where / name).parent.mkdir(parents=True, exist_ok=True)
+            (where / name).write_bytes(data)
+    return where
+
+
+def _decoded(data):
+    from PIL import Image
+
+    return torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(
+        2, 0, 1)
+
+
+@pytest.mark.parametrize("form", ["tiny-imagenet-200.zip", "tiny-imagenet-200"])
+def test_tiny_imagenet_is_read_as_downloaded(form, tmp_path, cache):
+    _write_tree(_tiny_files(), tmp_path / form)
+    for loader in ("device", "torch"):
+        check_trial(_cfg("tinyimagenet", str(tmp_path), loader))
+    train, test = load_dataset("tinyimagenet", str(tmp_path), seed=0)
+    assert train.classes == tuple(sorted(WNIDS)) and train.images.shape == (9, 3, 16, 16)
+    assert len(test) == 6, "val/ is the test split; test/ (unlabelled) is left out"
+    val = {k: _decoded(_jpeg(100 + k)) for k in range(6)}
+    for image, label in zip(test.images, test.labels.tolist()):
+        k = next(k for k, v in val.items() if torch.equal(v, image))
+        assert test.classes[label] == WNIDS[k % 3], "the label is val_annotations.txt's wnid"
+    assert torch.equal(train.images[0], _decoded(_jpeg(0)))  # n01443537_0, the first class
+    # streamed from disk: the same images and labels, each test image once over 2 ranks
+    loaders = [build_loaders(_cfg("tinyimagenet", str(tmp_path), "torch", norm="imagenet"),
+                             rank, 2, torch.device("cpu")) for rank in range(2)]
+    assert all(n == 3 for _, _, n in loaders)
+    labels = torch.cat([y for _, test_loader, _ in loaders for _, y in test_loader])
+    assert sorted(labels.tolist()) == sorted(test.labels.tolist())
+
+
+def test_prepared_tiny_imagenet_layout_still_works(tmp_path, cache):
+    _jpeg_zip(tmp_path / "tinyimagenet.zip", classes=WNIDS)
+    check_trial(_cfg("tinyimagenet", str(tmp_path)))
+    train, test = load_dataset("tinyimagenet", str(tmp_path), seed=0)
+    assert train.classes == WNIDS and len(train) == 12 and len(test) == 6
+
+
+def _without(name):
+    return lambda files: files.pop(name)
+
+
+def _edit(name, old, new):
+    def change(files):
+        files[name] = files[name].replace(old, new)
+    return change
+
+
+TINY_BROKEN = [
+    (_without("wnids.txt"), "without tiny-imagenet-200/wnids.txt"),
+    (_without("val/val_annotations.txt"), "no tiny-imagenet-200/val/val_annotations.txt"),
+    (_without("val/images/val_4.JPEG"), "line 5: val_4.JPEG is not in val/images/"),
+    (_edit("val/val_annotations.txt", b"val_2.JPEG\tn01641577", b"val_2.JPEG\tn99999999"),
+     "line 3: expected '<file> TAB <wnid from wnids.txt> ...', got 'val_2.JPEG\\tn99999999"),
+    (_edit("wnids.txt", b"n01443537\n", b"n01443537\nn02000000\n"),
+     "no images under train/n02000000/images/ (1 of the 4 classes"),
+    (lambda files: files.update({"val/images/val_1.JPEG": b"\xff\xd8broken"}),
+     "member 'tiny-imagenet-200/val/images/val_1.JPEG' is not a readable image"),
+]
+
+
+@pytest.mark.parametrize("damage, words", TINY_BROKEN, ids=[w[:30] for _, w in TINY_BROKEN])
+def test_broken_tiny_imagenet_is_refused_in_one_line(damage, words, tmp_path, cache):
+    files = _tiny_files()
+    damage(files)
+    _write_tree(files, tmp_path / "tiny-imagenet-200.zip")
+    with pytest.raises(DataError) as err:
+        check_trial(_cfg("tinyimagenet", str(tmp_path)))
+    message = str(err.value)
+    assert words in message and "\n" not in message, message
+    if "readable image" not in words:  # the layout alone is refused, for either loader
+        with pytest.raises(DataError, match=re.escape(words)):
+            ensure_available("tinyimagenet", str(tmp_path))
+
+
+def _cifar_tarball(root, ds="cifar100", train=6, test=4, damage=None):
+    """A miniature tarball in the official format; returns (train, test) (images, labels)."""
+    from tvlars_ray.data.cifar import CIFAR
+
+    fmt = CIFAR[ds]
+    rng = np.random.default_rng(1)
+    classes = [f"class{i}" for i in range(5)]
+    members, out = {fmt.meta: {fmt.names: classes}}, []
+    for names, n in ((fmt.train, train), (fmt.test, test)):
+        data = rng.integers(0, 256, (n * len(names), 3072), dtype=np.uint8)
+        labels = rng.integers(0, len(classes), n * len(names)).tolist()
+        for i, name in enumerate(names):
+            members[name] = {"data": data[i * n:(i + 1) * n], fmt.labels: labels[i * n:(i + 1) * n],
+                             "filenames": [f"{j}.png" for j in range(n)]}
+        out.append((torch.from_numpy(data.reshape(-1, 3, 32, 32)), torch.tensor(labels)))
+    if damage:
+        damage(members)
+    root.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(root / fmt.archive, "w:gz") as tar:
+        for name, value in members.items():
+            blob = value if isinstance(value, bytes) else pickle.dumps(value, protocol=2)
+            info = tarfile.TarInfo(f"{fmt.folder}/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return out, classes
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    import tvlars_ray.data.cifar as cifar
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("no network here")
+    monkeypatch.setattr(cifar, "urlopen", refuse)
+
+
+@pytest.mark.parametrize("ds", ["cifar100", "cifar10"])
+def test_cifar_is_read_from_its_tarball_offline(ds, tmp_path, cache, offline):
+    (train, test), classes = _cifar_tarball(tmp_path / "data", ds)
+    for loader in ("device", "torch"):
+        check_trial(_cfg(ds, str(tmp_path / "data"), loader))
+    got = load_dataset(ds, str(tmp_path / "data"), seed=0)
+    for (images, labels), split in zip((train, test), got):
+        assert torch.equal(split.images, images) and torch.equal(split.labels, labels)
+        assert split.classes == tuple(classes)
+    # the folder the tarball extracts to (torchvision's download leaves it) reads the same
+    from tvlars_ray.data.cifar import CIFAR
+
+    with tarfile.open(tmp_path / "data" / CIFAR[ds].archive) as tar:
+        tar.extractall(tmp_path / "extracted", filter="data")
+    again = load_dataset(ds, str(tmp_path / "extracted"), seed=0)
+    assert torch.equal(again[0].images, got[0].images)
+
+
+CIFAR_BROKEN = [
+    ("truncated", "is not a readable tar archive"),
+    ("no test", "lacks cifar-100-python/test: expected the official cifar-100-python.tar.gz"),
+    ("bad shape", "member 'train' is not a CIFAR batch"),
+    ("bad label", "member 'test' has 4 images and 4 labels in 0..4: it is damaged"),
+    ("bad pickle", "member 'meta' cannot be unpickled"),
+    ("absent", "cifar100 not found in"),
+]
+
+
+@pytest.mark.parametrize("case, words", CIFAR_BROKEN, ids=[c for c, _ in CIFAR_BROKEN])
+def test_broken_cifar_tarball_is_refused_in_one_line(case, words, tmp_path, cache, offline):
+    root = tmp_path / "data"
+    damage = {"no test": lambda m: m.pop("test"),
+              "bad shape": lambda m: m["train"].update(data=np.zeros((6, 100), np.uint8)),
+              "bad label": lambda m: m["test"].update(fine_labels=[0, 1, 2, 9]),
+              "bad pickle": lambda m: m.update(meta=b"\x80\x02garbage")}.get(case)
+    if case == "absent":
+        root = root / "new" / "folder"
+    else:
+        _cifar_tarball(root, damage=damage)
+    if case == "truncated":
+        tarball = root / "cifar-100-python.tar.gz"
+        tarball.write_bytes(tarball.read_bytes()[:-400])
+    with pytest.raises(DataError) as err:
+        check_trial(_cfg("cifar100", str(root)))
+    message = str(err.value)
+    assert words in message and "\n" not in message, message
+    if case == "absent":
+        assert "put cifar-100-python.tar.gz" in message and "no network here" in message
+        assert not (tmp_path / "data").exists(), "a failed download leaves no folders behind"

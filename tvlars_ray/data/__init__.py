@@ -1,7 +1,9 @@
-"""Datasets for the trials, in four layers (each imports only those above it):
+"""Datasets for the trials, one module per concept (each imports only those listed above it):
 
-- ``sources``: where data lives (one data-root helper, the cache folder), finding and
-  downloading sources, the layout of an image folder or zip (its splits, nothing decoded);
+- ``sources``: where data lives (one data-root helper, the cache folder), finding each
+  source and its layout (the splits of an image folder or zip, nothing decoded):
+  torchvision's ImageFolder layout and Tiny ImageNet's official one;
+- ``cifar``: CIFAR-10/100 from their official tarballs (downloaded only when absent);
 - ``synthetic``: the generated offline dataset;
 - ``decode``: every dataset decoded once into cached uint8 tensors; subsets and statistics;
 - ``augment``: the batched device augmentation and the per-sample torchvision pipelines;

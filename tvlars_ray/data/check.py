@@ -12,16 +12,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from .cifar import CIFAR, find_cifar
 from .decode import decoded, survey
 from .loaders import streams_from_disk
-from .sources import FOLDER_DATASETS, cifar_arrays, data_root, find_layout
+from .sources import FOLDER_DATASETS, data_root, find_layout
 
 
 def ensure_available(ds: str, data_dir: str | None) -> None:
     """Fail now, with the fix, if a dataset is missing or laid out in a way no trial could
     read (downloading it where that works). Decodes no image."""
-    if ds in ("cifar10", "cifar100"):
-        cifar_arrays(ds, data_root(data_dir))
+    if ds in CIFAR:
+        find_cifar(ds, data_root(data_dir))
     elif ds in FOLDER_DATASETS:
         find_layout(ds, data_dir)
 
@@ -39,9 +40,9 @@ def check_trials(trials: Iterable[Any]) -> None:
 
 def check_trial(cfg: Any) -> None:
     """One trial's data (``cfg``: its settings, as for ``build_loaders``)."""
-    if cfg.ds not in FOLDER_DATASETS:
-        ensure_available(cfg.ds, cfg.data_dir)
-    elif streams_from_disk(cfg):
+    if cfg.ds == "synthetic":
+        return
+    if streams_from_disk(cfg):
         survey(find_layout(cfg.ds, cfg.data_dir))
     else:
         decoded(cfg.ds, cfg.data_dir)

@@ -21,13 +21,13 @@ import torch
 from filelock import FileLock
 from PIL import Image
 
+from .cifar import CIFAR, find_cifar, read_cifar
 from .sources import (
     DATASETS,
     Archive,
     DataError,
     Layout,
     cache_dir,
-    cifar_arrays,
     data_root,
     folder_source,
     layout_at,
@@ -80,12 +80,9 @@ def load_dataset(ds: str, data_dir: str | None, seed: int,
             images, labels = synthetic_arrays(n or SYNTHETIC_SIZES[split], seed, split)
             sets.append(ImageSet(images, labels, tuple(str(c) for c in range(10))))
         return sets[0], sets[1]
-    if ds in ("cifar10", "cifar100"):
-        train, test = (ImageSet(*arrays) for arrays in cifar_arrays(ds, data_root(data_dir)))
-    elif ds in DATASETS:
-        train, test = read_cache(decoded(ds, data_dir))
-    else:
+    if ds not in DATASETS:
         raise DataError(f"unknown dataset '{ds}': choose one of {', '.join(DATASETS)}")
+    train, test = read_cache(decoded(ds, data_dir))
     return (stratified_subset(train, train_subset, seed),
             stratified_subset(test, test_subset, seed + 1))
 
@@ -120,7 +117,10 @@ def dataset_stats(ds: str, norm: str, train: ImageSet) -> tuple[tuple[float, ...
 
 # -- the cache ---------------------------------------------------------------------------------
 def decoded(ds: str, data_dir: str | None) -> Path:
-    """The cache folder of an image-folder dataset, decoding it first if needed."""
+    """The cache folder of a dataset read from files, decoding it first if needed."""
+    if ds in CIFAR:
+        path = find_cifar(ds, data_root(data_dir))
+        return cached(path, lambda folder: write_cifar(ds, path, folder))
     path = folder_source(ds, data_dir)
     return cached(path, lambda folder: write_layout(layout_at(ds, path), folder))
 
@@ -197,6 +197,15 @@ def write_layout(layout: Layout, folder: Path) -> None:
         np.save(folder / f"{split}_labels.npy",
                 np.array([label for _, label in items], dtype=np.int64))
     (folder / "classes.txt").write_text("\n".join(layout.classes))
+
+
+def write_cifar(ds: str, source: Path, folder: Path) -> None:
+    train_images, train_labels, test_images, test_labels, classes = read_cifar(ds, source)
+    for split, images, labels in (("train", train_images, train_labels),
+                                  ("test", test_images, test_labels)):
+        np.save(folder / f"{split}_images.npy", images)
+        np.save(folder / f"{split}_labels.npy", labels)
+    (folder / "classes.txt").write_text("\n".join(classes))
 
 
 def survey(layout: Layout, per_split: int = 64, seed: int = 0) -> dict[tuple[int, int], str]:

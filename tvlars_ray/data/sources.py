@@ -1,10 +1,10 @@
 """Where datasets live, and which images make each split of a source, read without decoding.
 
-A source is what the user put somewhere: a CIFAR tarball, an image folder or a .zip of one.
+A source is what the user put somewhere: an image folder or a .zip of one, in torchvision's
+ImageFolder layout or in Tiny ImageNet's official one (CIFAR's tarballs: see ``cifar``).
 This module resolves the data root (once, in :func:`data_root`), finds each dataset's source
-(downloading it where that works) and lists its layout: the (member, label) pairs of each
-split. Anything the trial could not read this way is refused here, naming the file, and the
-member inside an archive.
+and lists its layout: the (member, label) pairs of each split. Anything the trial could not
+read this way is refused here, naming the file, and the member inside an archive.
 """
 
 from __future__ import annotations
@@ -14,9 +14,6 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from filelock import FileLock
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "tinyimagenet", "imagefolder")
 FOLDER_DATASETS = ("imagefolder", "tinyimagenet")
@@ -47,24 +44,6 @@ def cache_dir() -> Path:
 
 def missing(what: str, where: Path, fix: str) -> DataError:
     return DataError(f"{what} not found in {where} and it could not be downloaded: {fix}")
-
-
-# -- CIFAR: torchvision's reader, which downloads the tarball where it can --------------------
-def cifar_arrays(ds: str, root: Path):
-    """Both splits of CIFAR-10/100 as (uint8 NCHW images, int64 labels, class names)."""
-    import torchvision  # heavy: only CIFAR needs it here
-
-    cls = torchvision.datasets.CIFAR10 if ds == "cifar10" else torchvision.datasets.CIFAR100
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f".{ds}.lock")):
-        try:
-            sets = [cls(str(root), train=train, download=True) for train in (True, False)]
-        except Exception as exc:  # torchvision raises URLError, RuntimeError, ... offline
-            archive = cls.filename
-            raise missing(ds, root, f"put {archive} (from {cls.url}) into {root} or point "
-                          f"--data-dir / TVLARS_DATA_DIR at a folder holding it ({exc})") from None
-    return [(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(),
-             torch.tensor(s.targets, dtype=torch.int64), tuple(s.classes)) for s in sets]
 
 
 # -- folders and zips ----------------------------------------------------------------------------
@@ -182,6 +161,58 @@ def no_images(path: Path, split: str) -> DataError:
                      f"train/<class>/*.jpg and test/<class>/*.jpg")
 
 
+def tiny_imagenet(archive: Archive) -> Layout:
+    """Tiny ImageNet as downloaded (``tiny-imagenet-200.zip`` or its folder): classes from
+    ``wnids.txt``, ``train/<wnid>/images/*.JPEG``, and ``val/images/`` labelled by
+    ``val/val_annotations.txt`` as the test split (the official ``test/`` has no labels and
+    is ignored). A prepared ImageFolder layout (``train/<class>/``, ``test/<class>/``) too."""
+    names = archive.names()
+    base = _base(names, "train/")
+    official = f"{base}wnids.txt" in names or f"{base}val/val_annotations.txt" in names or any(
+        n.startswith(f"{base}train/") and n.count("/") == base.count("/") + 3 for n in names)
+    if not official:
+        return class_folders(archive)
+    where, present = archive.path, set(names)
+    fix = "download tiny-imagenet-200.zip again (http://cs231n.stanford.edu/tiny-imagenet-200.zip)"
+    if f"{base}wnids.txt" not in present:
+        raise DataError(f"{where}: Tiny ImageNet layout without {base}wnids.txt: {fix}")
+    wnids = sorted(set(archive.read(f"{base}wnids.txt").decode().split()))
+    index = {w: i for i, w in enumerate(wnids)}
+    train = []
+    for name in names:
+        parts = name[len(base):].split("/") if name.startswith(base) else []
+        if (len(parts) == 4 and parts[0] == "train" and parts[2] == "images"
+                and parts[3].lower().endswith(IMAGE_SUFFIXES)):
+            if parts[1] not in index:
+                raise DataError(f"{where}: train/{parts[1]}/ is not a class of wnids.txt: {fix}")
+            train.append((index[parts[1]], name))
+    empty = sorted(set(wnids) - {wnids[label] for label, _ in train})
+    if empty:
+        raise DataError(f"{where} has no images under train/{empty[0]}/images/ "
+                        f"({len(empty)} of the {len(wnids)} classes in wnids.txt have none): {fix}")
+    annotations = f"{base}val/val_annotations.txt"
+    if annotations not in present:
+        raise DataError(f"{where}: no {annotations}, which labels the validation images used "
+                        f"as the test split: {fix}")
+    test = []
+    for n, line in enumerate(archive.read(annotations).decode().splitlines(), 1):
+        fields = line.split("\t")
+        if not line.strip():
+            continue
+        member = f"{base}val/images/{fields[0]}"
+        if len(fields) < 2 or fields[1] not in index:
+            raise DataError(f"{archive.where(annotations)}, line {n}: expected "
+                            f"'<file> TAB <wnid from wnids.txt> ...', got {line[:60]!r}: {fix}")
+        if member not in present:
+            raise DataError(f"{archive.where(annotations)}, line {n}: {fields[0]} is not in "
+                            f"val/images/: {fix}")
+        test.append((index[fields[1]], member))
+    if not test:
+        raise DataError(f"{archive.where(annotations)} lists no images: {fix}")
+    return Layout(archive, tuple(wnids), *([(name, label) for label, name in sorted(items)]
+                                           for items in (train, test)))
+
+
 # -- finding each dataset --------------------------------------------------------------------
 def folder_source(ds: str, data_dir: str | None) -> Path:
     """The folder or zip an image-folder dataset is read from."""
@@ -201,12 +232,13 @@ def folder_source(ds: str, data_dir: str | None) -> Path:
 
 def _find_tinyimagenet(root: Path) -> Path:
     for candidate in (root / "tinyimagenet", root / "tinyimagenet.zip",
-                      root / "tiny-imagenet-200", root):
-        if (candidate / "train").is_dir() or candidate.suffix == ".zip" and candidate.exists():
+                      root / "tiny-imagenet-200", root / "tiny-imagenet-200.zip", root):
+        if candidate.is_file() and candidate.suffix == ".zip" or (candidate / "train").is_dir():
             return candidate.resolve()
-    raise missing("tinyimagenet", root,
-                  f"put the prepared folder (train/<class>/, test/<class>/) or its .zip at "
-                  f"{root / 'tinyimagenet'}[.zip], or point --data-dir at its parent")
+    raise DataError(f"tinyimagenet not found in {root}: put the official tiny-imagenet-200.zip "
+                    f"(or the folder it extracts to), or a prepared folder or .zip named "
+                    f"tinyimagenet (train/<class>/, test/<class>/), into {root}, or point "
+                    f"--data-dir at it")
 
 
 def find_layout(ds: str, data_dir: str | None) -> Layout:
@@ -215,4 +247,5 @@ def find_layout(ds: str, data_dir: str | None) -> Layout:
 
 
 def layout_at(ds: str, path: Path) -> Layout:
-    return class_folders(Archive(path))
+    archive = Archive(path)
+    return tiny_imagenet(archive) if ds == "tinyimagenet" else class_folders(archive)
