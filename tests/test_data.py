@@ -555,3 +555,119 @@ def test_broken_cifar_tarball_is_refused_in_one_line(case, words, tmp_path, cach
     if case == "absent":
         assert "put cifar-100-python.tar.gz" in message and "no network here" in message
         assert not (tmp_path / "data").exists(), "a failed download leaves no folders behind"
+
+
+# -- ImageNet-scale: variable-size images streamed from disk -----------------------------------
+def _variable_folder(root, test="val", classes=("n01", "n02", "n03"), per_split=(4, 3)):
+    """torchvision's ImageFolder layout in miniature, JPEGs of random sizes (as ImageNet)."""
+    rng = np.random.default_rng(5)
+    for split, n in zip(("train", test), per_split):
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                size = tuple(int(x) for x in rng.integers(40, 120, 2))
+                (root / split / name / f"{name}_{i}.JPEG").write_bytes(_jpeg(10 * c + i, size))
+    return root
+
+
+@pytest.mark.parametrize("ds, test", [("imagenet", "val"), ("imagefolder", "test")])
+def test_variable_size_folders_stream_at_224_each_test_image_once(ds, test, tmp_path, cache):
+    from PIL import Image
+
+    from tvlars_ray.data import IMAGENET_MEAN, IMAGENET_STD, imagenet_transform
+
+    root = _variable_folder(tmp_path / "imagenet", test)
+    check_trial(_cfg(ds, str(root), "torch"))
+    cfg = _cfg(ds, str(root), "torch", norm="imagenet", bs=4)
+    ranks = [build_loaders(cfg, rank, 2, torch.device("cpu")) for rank in range(2)]
+    assert [n for _, _, n in ranks] == [3, 3]
+    # training: RandomResizedCrop(224), each image once per epoch over the ranks, seeded order
+    train = [[(x, y) for x, y in loader] for loader, _, _ in ranks]
+    assert all(x.shape[1:] == (3, 224, 224) for batches in train for x, _ in batches)
+    labels = torch.cat([y for batches in train for _, y in batches])
+    assert torch.bincount(labels).tolist() == [4, 4, 4]
+    again = build_loaders(cfg, 0, 2, torch.device("cpu"))[0]
+    assert torch.equal(torch.cat([y for _, y in again]), torch.cat([y for _, y in train[0]]))
+    # evaluation: Resize(256) + CenterCrop(224), every test image exactly once over the ranks
+    transform = imagenet_transform(IMAGENET_MEAN, IMAGENET_STD, train=False)
+    expected = [transform(Image.open(p).convert("RGB"))
+                for p in sorted((root / test).glob("*/*.JPEG"))]
+    seen = [0] * len(expected)
+    for _, test_loader, _ in ranks:
+        for x, _ in test_loader:
+            for image in x:
+                seen[next(i for i, e in enumerate(expected) if torch.allclose(e, image))] += 1
+    assert seen == [1] * 9
+    # a small CNN trains an epoch on it
+    model = build_model("cnn", 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for x, y in ranks[0][0]:
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert torch.isfinite(loss)
+
+
+def test_variable_sizes_are_refused_for_the_in_memory_loader(tmp_path, cache):
+    root = _variable_folder(tmp_path / "imagenet")
+    with pytest.raises(DataError) as err:
+        check_trial(_cfg("imagenet", str(root), "device"))
+    message = str(err.value)
+    assert "holds images of different sizes" in message and "--set loader=torch" in message
+    assert "\n" not in message and ".JPEG is " in message
+    with pytest.raises(DataError, match=r"Barlow Twins mode \(mode bt\) reads images through the "
+                                        r"device loader, which needs one size"):
+        check_trial(_cfg("imagenet", str(root), "torch", mode="bt"))
+    # the decode itself never resizes silently, whatever the sample missed
+    with pytest.raises(DataError, match="holds images of different sizes.*--set loader=torch"):
+        load_dataset("imagenet", str(root), seed=0)
+    assert not _trusted(cache)
+
+
+def test_sets_that_do_not_fit_in_memory_are_refused_for_the_device_loader(tmp_path, cache,
+                                                                         monkeypatch):
+    import tvlars_ray.data.check as check
+
+    source = _jpeg_zip(tmp_path / "set.zip")  # 8 + 4 images of 16x16x3: 9 KiB decoded
+    monkeypatch.setattr(check, "available_memory", lambda: 8 * 1024)
+    with pytest.raises(DataError) as err:
+        check_trial(_cfg("imagefolder", str(source)))
+    assert str(err.value).endswith("12 images decode to 9.0 KiB, more than 80% of the 8.0 KiB "
+                                   "of memory available here (loader device holds the whole "
+                                   "set in memory): stream it from disk with --set loader=torch")
+    with pytest.raises(DataError, match=r"mode bt\) needs the set in memory"):
+        check_trial(_cfg("imagefolder", str(source), mode="bt"))
+    check_trial(_cfg("imagefolder", str(source), "torch"))  # streamed: fine
+    assert not _trusted(cache)
+
+
+def test_grid_refuses_the_device_loader_for_imagenet_before_ray_starts(tmp_path, cache, capsys):
+    import ray
+
+    from tvlars_ray.run import main
+
+    root = _variable_folder(tmp_path / "imagenet")
+    argv = ["grid", "--space", "imagenet-lars", "--set", f"data_dir={tmp_path}", "--set",
+            "loader=device", "--store", str(tmp_path / "store")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"error: {root} holds images of different sizes" in err and "\n" not in err
+    assert "--set loader=torch" in err and not ray.is_initialized()
+
+
+def test_imagenet_space_and_its_cost_estimate(capsys):
+    from tvlars_ray.run import main
+    from tvlars_ray.spaces import load_space
+
+    trials = load_space("imagenet-lars").trials()
+    assert len(trials) == 24 and {c.bs for c in trials} == {8192, 16384, 32768}
+    assert {(c.ds, c.model, c.epochs, c.loader) for c in trials} == {
+        ("imagenet", "resnet50", 90, "torch")}
+    assert {c.opt for c in trials if c.sd == "lars-warm"} == {"lars", "lamb"}
+    assert {c.opt for c in trials if c.sd == "none"} == {"tvlars"}
+    assert main(["grid", "--space", "imagenet-lars", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    # 2160 trial-epochs x 1,281,167 images / 2,500 images/s = 307.5 GPU-hours
+    assert "2160 trial-epochs" in out and "cost estimate: ~307 GPU-hours" in out
+    assert "an estimate, not a measurement" in out and "resnet50 at 224x224 ~2,500" in out

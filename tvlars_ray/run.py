@@ -338,6 +338,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _print_dry_run(space, trials: list[TrialConfig]) -> None:
+    from .data import cost_estimate
     from .sweep import plan, trial_table
 
     merged = space.raw_points() - len(trials)
@@ -352,6 +353,7 @@ def _print_dry_run(space, trials: list[TrialConfig]) -> None:
             print("  ".join(_fmt(row[k]).ljust(w) for k, w in zip(keys, widths)))
     epochs = sum(c.epochs + (c.cl_epochs if c.mode == "bt" else 0) for c in trials)
     print(f"total: {epochs} trial-epochs")
+    print(cost_estimate(trials))
     print(plan(trials, None).describe().replace("; 1 trial(s) at a time", ""))
 
 

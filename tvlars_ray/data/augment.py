@@ -66,29 +66,37 @@ class BatchAugment:
         return flat.gather(2, index.expand(n, c, h * w)).view(n, c, h, w)
 
 
-def torch_transform(mean: tuple[float, ...], std: tuple[float, ...], size: int | None,
-                    train: bool):
-    """The per-sample torchvision pipeline of the reference code (for ``loader="torch"``).
-
-    ``size`` None (images read from disk) crops at each image's own size."""
-    from torchvision.transforms import v2
+def torch_transform(mean: tuple[float, ...], std: tuple[float, ...],
+                    size: int | tuple[int, int], train: bool):
+    """The per-sample torchvision pipeline of the reference code, for images of one ``size``
+    ((height, width), or an int for squares). An image of another size in a streamed folder
+    is padded or cropped to it rather than breaking the batch."""
+    from torchvision.transforms import v2  # heavy: only the torch loader needs it
 
     steps = [v2.ToImage()]
     if train:
-        crop = v2.RandomCrop(size, padding=4) if size else _OwnSizeCrop(4)
-        steps += [crop, v2.RandomHorizontalFlip(), v2.RandomRotation(15)]
+        steps += [v2.RandomCrop(size, padding=4, pad_if_needed=True), v2.RandomHorizontalFlip(),
+                  v2.RandomRotation(15)]
+    else:
+        steps.append(v2.CenterCrop(size))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     return v2.Compose(steps)
 
 
-class _OwnSizeCrop(torch.nn.Module):
-    """RandomCrop(padding) at the input's own size."""
+IMAGENET_CROP, IMAGENET_RESIZE = 224, 256
 
-    def __init__(self, padding: int) -> None:
-        super().__init__()
-        self.padding = padding
 
-    def forward(self, image):
-        from torchvision.transforms import v2
+def imagenet_transform(mean: tuple[float, ...], std: tuple[float, ...], train: bool):
+    """The standard ImageNet pipeline (the LARS and LAMB papers' setting), for images of any
+    size: RandomResizedCrop(224) and a horizontal flip to train, Resize(256) and
+    CenterCrop(224) to test."""
+    from torchvision.transforms import v2  # heavy: only the torch loader needs it
 
-        return v2.RandomCrop(image.shape[-2:], padding=self.padding)(image)
+    steps = [v2.ToImage()]
+    if train:
+        steps += [v2.RandomResizedCrop(IMAGENET_CROP, antialias=True),
+                  v2.RandomHorizontalFlip()]
+    else:
+        steps += [v2.Resize(IMAGENET_RESIZE, antialias=True), v2.CenterCrop(IMAGENET_CROP)]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(steps)

@@ -106,7 +106,7 @@ def stratified_indices(labels: torch.Tensor, num_classes: int, n: int, seed: int
 
 def dataset_stats(ds: str, norm: str, train: ImageSet) -> tuple[tuple[float, ...], ...]:
     """Normalisation mean and std: the dataset's own, or ImageNet's as the reference code."""
-    if norm == "imagenet":
+    if norm == "imagenet" or ds == "imagenet":  # ImageNet's statistics are its own
         return IMAGENET_MEAN, IMAGENET_STD
     if ds == "cifar10":
         return _CIFAR10_STATS
@@ -177,26 +177,40 @@ def decode_image(archive: Archive, member: str) -> Image.Image:
 
 def write_layout(layout: Layout, folder: Path) -> None:
     """Decode every image of a layout into ``folder``: ``{split}_images.npy`` (uint8, NCHW,
-    written as it goes, so the set never has to fit in memory twice), labels, class names."""
-    size = None
+    written as it goes, so the set never has to fit in memory twice), labels, class names.
+    Images of another size than the first are refused, never silently resized."""
+    first = None
     for split in ("train", "test"):
         items = layout.split(split)
         images = None
         for i, (member, _) in enumerate(items):
             image = decode_image(layout.archive, member)
-            size = size or image.size
-            if image.size != size:
-                image = image.resize(size, Image.BILINEAR)
+            first = first or (member, image.size)
+            if image.size != first[1]:
+                raise mixed_sizes(layout, {first[1]: first[0], image.size: member},
+                                  IN_MEMORY_FIX)
             if images is None:
+                width, height = first[1]
                 images = np.lib.format.open_memmap(folder / f"{split}_images.npy", mode="w+",
                                                    dtype=np.uint8,
-                                                   shape=(len(items), 3, size[1], size[0]))
+                                                   shape=(len(items), 3, height, width))
             images[i] = np.asarray(image).transpose(2, 0, 1)
         images.flush()
         del images
         np.save(folder / f"{split}_labels.npy",
                 np.array([label for _, label in items], dtype=np.int64))
     (folder / "classes.txt").write_text("\n".join(layout.classes))
+
+
+IN_MEMORY_FIX = ("the in-memory loader (loader device, and Barlow Twins mode) needs one size: "
+                 "stream them with --set loader=torch, or resize them to one size first")
+
+
+def mixed_sizes(layout: Layout, sizes: dict[tuple[int, int], str], fix: str) -> DataError:
+    """The error for a set of images of several sizes, naming two of them."""
+    (a, first), (b, other) = list(sizes.items())[:2]
+    return DataError(f"{layout.path} holds images of different sizes ({first} is {a[0]}x{a[1]}, "
+                     f"{other} is {b[0]}x{b[1]}): {fix}")
 
 
 def write_cifar(ds: str, source: Path, folder: Path) -> None:

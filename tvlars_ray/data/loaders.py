@@ -3,7 +3,8 @@
 :class:`DeviceLoader` keeps the decoded uint8 tensors on the worker's device and augments
 whole batches there (no loader processes); ``loader="torch"`` keeps the classic
 ``DataLoader`` with per-sample torchvision transforms (streaming image folders from disk) for
-data that does not fit. :func:`build_loaders` picks one from a trial's settings.
+data that does not fit, or whose images differ in size (ImageNet). :func:`build_loaders`
+picks one from a trial's settings.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .augment import BatchAugment, torch_transform
+from .augment import BatchAugment, imagenet_transform, torch_transform
 from .decode import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -25,6 +26,7 @@ from .decode import (
     decode_image,
     load_dataset,
     stratified_indices,
+    survey,
 )
 from .sources import FOLDER_DATASETS, Layout, find_layout
 
@@ -111,7 +113,7 @@ def in_memory_dataset(data: ImageSet) -> torch.utils.data.Dataset:
 
 def streams_from_disk(cfg: Any) -> bool:
     """Whether a trial reads its images from disk as it goes rather than from memory."""
-    return cfg.loader == "torch" and cfg.ds in FOLDER_DATASETS
+    return cfg.loader == "torch" and cfg.ds in FOLDER_DATASETS and cfg.mode != "bt"
 
 
 class Streamed(torch.utils.data.Dataset):
@@ -133,7 +135,8 @@ def streamed_folders(ds: str, data_dir: str | None, seed: int, train_subset: int
                      test_subset: int | None, norm: str):
     """Image folders read from disk image by image (for ``loader="torch"``): nothing is
     decoded up front, so the data need not fit in memory. Returns the two splits as
-    (dataset, index) pairs, the class count and the normalisation statistics."""
+    (dataset, index) pairs, the class count, the normalisation statistics and the images'
+    (height, width), or None for ImageNet and sets of several sizes (from a sample)."""
     layout = find_layout(ds, data_dir)
     splits = []
     for split, n, offset in (("train", train_subset, 0), ("test", test_subset, 1)):
@@ -142,7 +145,9 @@ def streamed_folders(ds: str, data_dir: str | None, seed: int, train_subset: int
                  if n and n < len(full) else torch.arange(len(full)))
         splits.append((full, index))
     (train, train_index), (test, test_index) = splits
-    if norm == "imagenet":
+    sizes = survey(layout)
+    size = None if ds == "imagenet" or len(sizes) > 1 else next(iter(sizes))[::-1]
+    if norm == "imagenet" or ds == "imagenet":
         stats = (IMAGENET_MEAN, IMAGENET_STD)
     else:  # estimate from a sample, without reading the whole set
         sample = train_index[torch.randperm(len(train_index),
@@ -155,7 +160,7 @@ def streamed_folders(ds: str, data_dir: str | None, seed: int, train_subset: int
             count += len(pixels)
         mean = total / count
         stats = (tuple(mean.tolist()), tuple(np.sqrt(squares / count - mean ** 2).tolist()))
-    return (train, train_index), (test, test_index), len(layout.classes), stats
+    return (train, train_index), (test, test_index), len(layout.classes), stats, size
 
 
 class EpochLoader:
@@ -204,19 +209,20 @@ def build_loaders(cfg: Any, rank: int, world: int, device: torch.device):
     """Train and test batch iterables for this rank, plus the number of classes.
 
     ``cfg`` is a trial's settings (a TrialConfig, or anything with its ``ds``, ``data_dir``,
-    ``seed``, ``train_subset``, ``test_subset``, ``norm``, ``loader``, ``loader_workers`` and
-    ``bs``); ``bs`` is the global batch, split evenly over the ``world`` ranks.
+    ``seed``, ``train_subset``, ``test_subset``, ``norm``, ``loader``, ``loader_workers``,
+    ``mode`` and ``bs``); ``bs`` is the global batch, split evenly over the ``world`` ranks.
+    Images of one size get the reference augmentation; ImageNet, and folders of several
+    sizes (streamed), the ImageNet pipeline at 224x224.
     """
     per_worker = cfg.bs // world
     if streams_from_disk(cfg):
-        train, test, num_classes, (mean, std) = streamed_folders(
+        train, test, num_classes, (mean, std), size = streamed_folders(
             cfg.ds, cfg.data_dir, cfg.seed, cfg.train_subset, cfg.test_subset, cfg.norm)
-        size = None
     else:
         train_set, test_set = load_dataset(cfg.ds, cfg.data_dir, cfg.seed, cfg.train_subset,
                                            cfg.test_subset)
         mean, std = dataset_stats(cfg.ds, cfg.norm, train_set)
-        num_classes, size = train_set.num_classes, train_set.image_size
+        num_classes, size = train_set.num_classes, tuple(train_set.images.shape[-2:])
         if cfg.loader == "device":
             train_loader = DeviceLoader(train_set, per_worker, BatchAugment(mean, std), device,
                                         rank, world, cfg.seed, shuffle=True)
@@ -225,7 +231,10 @@ def build_loaders(cfg: Any, rank: int, world: int, device: torch.device):
             return train_loader, test_loader, num_classes
         train = (in_memory_dataset(train_set), torch.arange(len(train_set)))
         test = (in_memory_dataset(test_set), torch.arange(len(test_set)))
-    return (_torch_loader(cfg, rank, world, device, train, torch_transform(mean, std, size, True),
-                          per_worker, True),
-            _torch_loader(cfg, rank, world, device, test, torch_transform(mean, std, size, False),
-                          per_worker, False), num_classes)
+    loaders = []
+    for source, is_train in ((train, True), (test, False)):
+        transform = (imagenet_transform(mean, std, is_train) if size is None
+                     else torch_transform(mean, std, size, is_train))
+        loaders.append(_torch_loader(cfg, rank, world, device, source, transform, per_worker,
+                                     is_train))
+    return loaders[0], loaders[1], num_classes

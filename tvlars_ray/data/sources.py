@@ -1,7 +1,8 @@
 """Where datasets live, and which images make each split of a source, read without decoding.
 
 A source is what the user put somewhere: an image folder or a .zip of one, in torchvision's
-ImageFolder layout or in Tiny ImageNet's official one (CIFAR's tarballs: see ``cifar``).
+ImageFolder layout (``test/`` or, for ImageNet, ``val/`` beside ``train/``) or in Tiny
+ImageNet's official one (CIFAR's tarballs: see ``cifar``).
 This module resolves the data root (once, in :func:`data_root`), finds each dataset's source
 and lists its layout: the (member, label) pairs of each split. Anything the trial could not
 read this way is refused here, naming the file, and the member inside an archive.
@@ -15,8 +16,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-DATASETS = ("synthetic", "cifar10", "cifar100", "tinyimagenet", "imagefolder")
-FOLDER_DATASETS = ("imagefolder", "tinyimagenet")
+DATASETS = ("synthetic", "cifar10", "cifar100", "tinyimagenet", "imagenet", "imagefolder")
+FOLDER_DATASETS = ("imagefolder", "tinyimagenet", "imagenet")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -133,32 +134,34 @@ def _base(names: list[str], marker: str) -> str:
     return tops.pop() if len(tops) == 1 else ""
 
 
-def class_folders(archive: Archive) -> Layout:
-    """``train/<class>/*`` and ``test/<class>/*`` (torchvision's ImageFolder layout per
+def class_folders(archive: Archive, test: str = "test") -> Layout:
+    """``train/<class>/*`` and ``<test>/<class>/*`` (torchvision's ImageFolder layout per
     split), optionally inside one top folder; labels are the sorted train class names."""
     names = archive.names()
     base = _base(names, "train/")
-    found: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
+    found: dict[str, list[tuple[str, str]]] = {"train": [], test: []}
     for name in names:
         parts = name[len(base):].split("/") if name.startswith(base) else []
         if len(parts) == 3 and parts[0] in found and parts[2].lower().endswith(IMAGE_SUFFIXES):
             found[parts[0]].append((name, parts[1]))
     for split, items in found.items():
         if not items:
-            raise no_images(archive.path, split)
+            raise no_images(archive.path, split, test)
     classes = sorted({c for _, c in found["train"]})
     index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted({c for _, c in found["test"]} - set(index))
+    unknown = sorted({c for _, c in found[test]} - set(index))
     if unknown:
-        raise DataError(f"{archive.path}: test/ has classes missing from train/: {unknown}")
-    splits = [sorted((index[c], name) for name, c in found[s]) for s in ("train", "test")]
+        raise DataError(f"{archive.path}: {test}/ has classes missing from train/: {unknown}")
+    splits = [sorted((index[c], name) for name, c in found[s]) for s in ("train", test)]
     return Layout(archive, tuple(classes), *([(name, label) for label, name in items]
                                              for items in splits))
 
 
-def no_images(path: Path, split: str) -> DataError:
+def no_images(path: Path, split: str, test: str = "test") -> DataError:
+    hint = ("; ImageNet's validation images must be sorted into class folders, as "
+            "torchvision's ImageFolder expects" if split == "val" else "")
     return DataError(f"{path} has no images under {split}/<class>/: expected "
-                     f"train/<class>/*.jpg and test/<class>/*.jpg")
+                     f"train/<class>/*.jpg and {test}/<class>/*.jpg{hint}")
 
 
 def tiny_imagenet(archive: Archive) -> Layout:
@@ -222,6 +225,8 @@ def folder_source(ds: str, data_dir: str | None) -> Path:
     root = data_root(data_dir)
     if ds == "tinyimagenet":
         return _find_tinyimagenet(root)
+    if ds == "imagenet":
+        return _find_imagenet(root)
     path = root.resolve()
     if not path.exists():
         raise missing("image folder", path.parent,
@@ -241,6 +246,15 @@ def _find_tinyimagenet(root: Path) -> Path:
                     f"--data-dir at it")
 
 
+def _find_imagenet(root: Path) -> Path:
+    for candidate in (root / "imagenet", root / "imagenet.zip", root):
+        if candidate.is_file() and candidate.suffix == ".zip" or (candidate / "train").is_dir():
+            return candidate.resolve()
+    raise DataError(f"imagenet not found in {root}: put ImageNet in torchvision's ImageFolder "
+                    f"layout (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG) at {root / 'imagenet'}, "
+                    f"or point --data-dir at it")
+
+
 def find_layout(ds: str, data_dir: str | None) -> Layout:
     """The layout of an image-folder dataset, refused unless a trial could read it."""
     return layout_at(ds, folder_source(ds, data_dir))
@@ -248,4 +262,6 @@ def find_layout(ds: str, data_dir: str | None) -> Layout:
 
 def layout_at(ds: str, path: Path) -> Layout:
     archive = Archive(path)
-    return tiny_imagenet(archive) if ds == "tinyimagenet" else class_folders(archive)
+    if ds == "tinyimagenet":
+        return tiny_imagenet(archive)
+    return class_folders(archive, "val" if ds == "imagenet" else "test")
