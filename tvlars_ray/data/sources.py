@@ -84,15 +84,6 @@ class Archive:
         return sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*")
                       if p.is_file())
 
-    def has(self, name: str) -> bool:
-        if self.is_zip:
-            try:
-                self._handle().getinfo(name)
-            except KeyError:
-                return False
-            return True
-        return (self.path / name).is_file()
-
     def read(self, name: str) -> bytes:
         try:
             if self.is_zip:
@@ -170,16 +161,16 @@ def tiny_imagenet(archive: Archive) -> Layout:
     ``val/val_annotations.txt`` as the test split (the official ``test/`` has no labels and
     is ignored). A prepared ImageFolder layout (``train/<class>/``, ``test/<class>/``) too."""
     names = archive.names()
-    base = _base(names, "train/")
-    official = f"{base}wnids.txt" in names or f"{base}val/val_annotations.txt" in names or any(
+    present, base = set(names), _base(names, "train/")
+    official = f"{base}wnids.txt" in present or f"{base}val/val_annotations.txt" in present or any(
         n.startswith(f"{base}train/") and n.count("/") == base.count("/") + 3 for n in names)
     if not official:
         return class_folders(archive)
-    where, present = archive.path, set(names)
+    where = archive.path
     fix = "download tiny-imagenet-200.zip again (http://cs231n.stanford.edu/tiny-imagenet-200.zip)"
     if f"{base}wnids.txt" not in present:
         raise DataError(f"{where}: Tiny ImageNet layout without {base}wnids.txt: {fix}")
-    wnids = sorted(set(archive.read(f"{base}wnids.txt").decode().split()))
+    wnids = sorted(set(archive.read(f"{base}wnids.txt").decode(errors="replace").split()))
     index = {w: i for i, w in enumerate(wnids)}
     train = []
     for name in names:
@@ -198,7 +189,7 @@ def tiny_imagenet(archive: Archive) -> Layout:
         raise DataError(f"{where}: no {annotations}, which labels the validation images used "
                         f"as the test split: {fix}")
     test = []
-    for n, line in enumerate(archive.read(annotations).decode().splitlines(), 1):
+    for n, line in enumerate(archive.read(annotations).decode(errors="replace").splitlines(), 1):
         fields = line.split("\t")
         if not line.strip():
             continue
@@ -238,7 +229,7 @@ def folder_source(ds: str, data_dir: str | None) -> Path:
 def _find_tinyimagenet(root: Path) -> Path:
     for candidate in (root / "tinyimagenet", root / "tinyimagenet.zip",
                       root / "tiny-imagenet-200", root / "tiny-imagenet-200.zip", root):
-        if candidate.is_file() and candidate.suffix == ".zip" or (candidate / "train").is_dir():
+        if (candidate.is_file() and candidate.suffix == ".zip") or (candidate / "train").is_dir():
             return candidate.resolve()
     raise DataError(f"tinyimagenet not found in {root}: put the official tiny-imagenet-200.zip "
                     f"(or the folder it extracts to), or a prepared folder or .zip named "
@@ -248,7 +239,7 @@ def _find_tinyimagenet(root: Path) -> Path:
 
 def _find_imagenet(root: Path) -> Path:
     for candidate in (root / "imagenet", root / "imagenet.zip", root):
-        if candidate.is_file() and candidate.suffix == ".zip" or (candidate / "train").is_dir():
+        if (candidate.is_file() and candidate.suffix == ".zip") or (candidate / "train").is_dir():
             return candidate.resolve()
     raise DataError(f"imagenet not found in {root}: put ImageNet in torchvision's ImageFolder "
                     f"layout (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG) at {root / 'imagenet'}, "
