@@ -289,11 +289,12 @@ def run(cfg: TrialConfig, job: dict[str, Any]) -> None:
     """Both stages on this worker, continuing in the stage and at the epoch of the trial's
     checkpoint if it has one."""
     worker = Worker.current(cfg)
+    recorder = Recorder(cfg, job, worker)
     seed_everything(cfg.seed)
     train, test = load_dataset(cfg.ds, cfg.data_dir, cfg.seed, cfg.train_subset,
                                cfg.test_subset)
     mean, std = dataset_stats(cfg.ds, cfg.norm, train)
-    recorder = Recorder(cfg, job, worker)
+    recorder.mark("data_ready_at")
     state = load_checkpoint(worker.device)
 
     def fresh_backbone() -> tuple[nn.Module, int]:
@@ -343,7 +344,8 @@ def pretrain(cfg: TrialConfig, worker: Worker, backbone: nn.Module, feature_dim:
     schedule = build_schedule(optimizer, cfg.sd, max(cfg.cl_epochs, 1), len(loader), cfg.bs,
                               cfg.warmup_epochs)
     stage = Stage("pretrain", model, optimizer, schedule, loader, cfg.cl_epochs,
-                  one_epoch=lambda: pretrain_epoch(model, loader, optimizer, schedule, worker),
+                  one_epoch=lambda batches: pretrain_epoch(model, batches, optimizer, schedule,
+                                                           worker),
                   loss="cl_loss")
     if not run_stage(stage, worker, cfg, recorder, state):
         return None
@@ -368,7 +370,8 @@ def linear_evaluation(cfg: TrialConfig, worker: Worker, backbone: nn.Module, fea
     optimizer = torch.optim.SGD(groups, momentum=0.9, weight_decay=cfg.wd)
     schedule = build_schedule(optimizer, "cosine", cfg.epochs, len(loader), cfg.bs, 0)
     stage = Stage("linear", model, optimizer, schedule, loader, cfg.epochs,
-                  one_epoch=lambda: train_epoch(model, loader, optimizer, schedule, worker),
+                  one_epoch=lambda batches: train_epoch(model, batches, optimizer, schedule,
+                                                        worker),
                   evaluate=lambda: evaluate(model, test_loader, worker, topk5=True),
                   seed_offset=10_000)
     run_stage(stage, worker, cfg, recorder, state)

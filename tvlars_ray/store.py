@@ -100,6 +100,14 @@ EPOCH_COLUMNS = [
     ("node_ip", pa.string(), "", "address of the node that ran rank 0"),
     ("node_id", pa.string(), "", "Ray node id of the node that ran rank 0"),
     ("recorded_at", _TS, "UTC", "when the row was written"),
+    ("worker_started_at", _TS, "UTC", "when rank 0's process of this attempt started"),
+    ("worker_ready_at", _TS, "UTC", "when Ray Train handed that process the trial (imports, "
+     "Train context and process group done)"),
+    ("data_ready_at", _TS, "UTC", "when that process had its data (loaded, on its device)"),
+    ("loop_started_at", _TS, "UTC", "when data, model and optimizer were ready and the "
+     "attempt's first epoch began"),
+    ("first_step_s", pa.float64(), "s", "time to the end of the epoch's first optimizer step "
+     "(data, forward, backward, step: warm-up costs show here)"),
 ]
 TRIAL_COLUMNS = [
     ("config", pa.string(), "JSON", "every setting of the trial, exactly as it ran"),

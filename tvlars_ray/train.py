@@ -7,6 +7,7 @@ trial's settings, store and id arrive in the ``train_loop_config`` dict.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,7 @@ def train_fn_per_worker(job: dict[str, Any]) -> None:
     ``job`` holds ``cfg`` (a TrialConfig as a dict) and, to record epochs, ``store``,
     ``experiment`` and ``trial_id``.
     """
+    job = {**job, "ready_at": time.time()}  # Ray Train's start-up ends here (see Recorder)
     cfg = TrialConfig.from_dict(job["cfg"])
     quiet_train_report_log()
     RECIPES[cfg.mode](cfg, job)

@@ -16,12 +16,13 @@ and the schedule (so no RNG state is saved).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import math
 import os
 import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,22 @@ def seed_everything(seed: int) -> None:
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch) * 1009 + rank
+
+
+def process_started_at() -> float | None:
+    """When this process started (epoch seconds), from /proc; None where there is none."""
+    try:
+        with open("/proc/self/stat") as fh:
+            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _utc(seconds: float | None) -> dt.datetime | None:
+    return None if seconds is None else dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
 
 
 @dataclass
@@ -121,6 +138,10 @@ class Recorder:
     A refill (``job["fill"]``: the (stage, epoch) pairs a trial lost from the store) re-runs
     the trial from its start but writes only those epochs, and ends after the last of them:
     the epochs still stored stay as they were.
+
+    Every row also says when this attempt's process started, when Ray Train handed it the
+    trial (``job["ready_at"]``) and when its first epoch began: where a trial's start-up
+    time goes, from the store alone (``bench/trial_overhead.py`` reads them).
     """
 
     def __init__(self, cfg: TrialConfig, job: dict[str, Any], worker: Worker) -> None:
@@ -132,6 +153,14 @@ class Recorder:
         self.live = TrialMetrics(self.experiment, self.trial_id if lead else None, cfg.opt,
                                  cfg.bs)
         self.node, self.node_id = node_ip(), node_id()
+        self.attempt = {"worker_started_at": _utc(process_started_at()),
+                        "worker_ready_at": _utc(job.get("ready_at")), "data_ready_at": None,
+                        "loop_started_at": None}
+
+    def mark(self, moment: str) -> None:
+        """Note the time of ``moment`` (data_ready_at, loop_started_at) once per attempt."""
+        if self.attempt[moment] is None:
+            self.attempt[moment] = _utc(time.time())
 
     def filled(self, stage: str, epoch: int) -> bool:
         """A refill has written every lost epoch before (stage, epoch): it may stop."""
@@ -146,7 +175,7 @@ class Recorder:
             row = {"stage": stage, "epoch": epoch, "world_size": self.worker.world,
                    "backend": dist.get_backend() if self.worker.distributed else None,
                    "precision": "bf16" if self.worker.amp else "fp32",
-                   "node_ip": self.node, "node_id": self.node_id, **metrics}
+                   "node_ip": self.node, "node_id": self.node_id, **self.attempt, **metrics}
             self.store.write_epoch(self.experiment, self.trial_id, self.cfg, row)
         self.live.update({**metrics, "epoch": epoch + 1})
 
@@ -269,7 +298,7 @@ class Stage:
     schedule: Any  # an LRScheduler stepped every iteration
     loader: Any  # set_epoch(epoch), then batches
     epochs: int
-    one_epoch: Callable[[], dict[str, Any]]  # one pass over the loader: the training metrics
+    one_epoch: Callable[[Iterable], dict[str, Any]]  # one pass over batches: training metrics
     evaluate: Callable[[], dict[str, Any]] | None = None
     loss: str = "train_loss"  # the metric whose non-finite value means the stage diverged
     seed_offset: int = 0  # keeps the stages' per-epoch seeds apart
@@ -287,6 +316,18 @@ class Stage:
         return state["epoch"] + 1
 
 
+def timed_batches(loader: Iterable, device: torch.device, out: dict[str, Any]) -> Iterator:
+    """The loader's batches; ``out["first_step_s"]`` gets the time from the start to the end of
+    the first step (when the second batch is asked for), after one device sync per epoch."""
+    began = time.perf_counter()
+    for i, batch in enumerate(loader):
+        if i == 1:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            out["first_step_s"] = time.perf_counter() - began
+        yield batch
+
+
 def checkpoint_due(epoch: int, epochs: int, every: int) -> bool:
     """Every ``every`` epochs, and always after the last one."""
     return epoch == epochs - 1 or (epoch + 1) % every == 0
@@ -301,13 +342,16 @@ def run_stage(stage: Stage, worker: Worker, cfg: TrialConfig, recorder: Recorder
     diverged (a diverged epoch is recorded, never checkpointed, and ends the stage).
     """
     start = stage.restore(state) if state is not None else 0
+    recorder.mark("loop_started_at")
     for epoch in range(start, stage.epochs):
         if recorder.filled(stage.name, epoch):
             return True
         began = time.perf_counter()
         torch.manual_seed(epoch_seed(cfg.seed, stage.seed_offset + epoch, worker.rank))
         stage.loader.set_epoch(epoch)
-        metrics = stage.one_epoch()
+        timing: dict[str, Any] = {"first_step_s": None}
+        metrics = stage.one_epoch(timed_batches(stage.loader, worker.device, timing))
+        metrics.update(timing)
         train_time = time.perf_counter() - began
         diverged = not math.isfinite(metrics[stage.loss])
         if stage.evaluate is not None and not diverged:
