@@ -7,8 +7,10 @@ import time
 
 import pandas as pd
 import pytest
+import ray
 import torch
 import torch.multiprocessing as mp
+from ray.util.state import list_actors
 
 from tvlars_ray.bt import (
     BarlowTwins,
@@ -140,8 +142,6 @@ def test_bt_trial_runs_both_stages_through_ray(ray_session, tmp_path):
 
 
 def test_bt_trial_killed_in_stage_two_resumes_in_stage_two(ray_session, tmp_path):
-    from ray.util.state import list_actors
-
     cfg = TrialConfig.from_dict({**TINY_BT, "epochs": 6, "train_subset": 1024})
     st = Store(str(tmp_path))
     outcome = {}
@@ -155,7 +155,9 @@ def test_bt_trial_killed_in_stage_two_resumes_in_stage_two(ray_session, tmp_path
             break
         time.sleep(0.2)
     killed_at = pd.Timestamp.now(tz="UTC")
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    actors = list_actors(address=ray.get_runtime_context().gcs_address,  # of this Ray
+                         filters=[("class_name", "=", "RayTrainWorker"),
+                                  ("state", "=", "ALIVE")])
     os.kill(actors[0]["pid"], signal.SIGKILL)
     runner.join(timeout=300)
     assert outcome.get("status") == "completed"

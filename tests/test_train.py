@@ -7,6 +7,8 @@ import time
 
 import pandas as pd
 import pytest
+import ray
+from ray.util.state import list_actors
 
 from tvlars_ray.config import TrialConfig
 from tvlars_ray.store import Store
@@ -55,9 +57,9 @@ def test_diverging_trial_is_recorded_not_crashed(ray_session, tmp_path):
 
 
 def _worker_pids() -> list[int]:
-    from ray.util.state import list_actors
-
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    actors = list_actors(address=ray.get_runtime_context().gcs_address,  # of this Ray
+                         filters=[("class_name", "=", "RayTrainWorker"),
+                                  ("state", "=", "ALIVE")])
     return [a["pid"] for a in actors]
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import ray
 
-from . import compat
+from . import compat, process_setup
 from .config import TrialConfig
 from .errors import UserError
 from .store import Store
@@ -52,7 +52,7 @@ def connect(address: str | None = None, num_cpus: int | None = None,
         return
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.update(ray_env())
-    runtime_env = {"env_vars": ray_env()}
+    runtime_env = {"env_vars": ray_env(), "worker_process_setup_hook": process_setup.HOOK}
     if address:
         ray.init(address=address, runtime_env=runtime_env)
         return

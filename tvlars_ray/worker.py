@@ -28,12 +28,12 @@ from typing import Any
 
 import numpy as np
 import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from . import compat
 from .config import TrialConfig
 from .monitor import TrialMetrics
 from .store import Store, node_id, node_ip
@@ -81,8 +81,8 @@ class Worker:
 
     @classmethod
     def current(cls, cfg: TrialConfig) -> Worker:
-        ctx = ray.train.get_context()
-        device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+        ctx = compat.train_context()
+        device = compat.train_device() if cfg.use_gpu else torch.device("cpu")
         on_gpu = device.type == "cuda"
         if on_gpu:
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels
@@ -104,7 +104,7 @@ class Worker:
 
     def all_sum(self, values: torch.Tensor) -> list[float]:
         """Sum a small vector over all ranks and bring it to the host (one sync)."""
-        if self.distributed:
+        if self.distributed and self.world > 1:
             dist.all_reduce(values)
         return values.tolist()
 
@@ -178,16 +178,16 @@ def report(worker: Worker, metrics: dict[str, Any], state: dict[str, Any] | None
     if metrics.get("diverged"):
         numbers.setdefault("test_acc", float("nan"))
     if state is None or worker.rank != 0:
-        ray.train.report(numbers)
+        compat.train_report(numbers)
         return
     with tempfile.TemporaryDirectory() as folder:
         torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
-        ray.train.report(numbers, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        compat.train_report(numbers, ray.train.Checkpoint.from_directory(folder))
 
 
 def load_checkpoint(device: torch.device) -> dict[str, Any] | None:
     """The trial's latest checkpoint (any stage), or None on a fresh start."""
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = compat.train_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
@@ -203,10 +203,19 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def prepare_model(model: nn.Module, worker: Worker, compile: bool) -> nn.Module:
     """Memory layout, device and DDP wrapper, then ``torch.compile`` if asked: every mode's
-    models go through here, so each honours the same settings."""
+    models go through here, so each honours the same settings.
+
+    What ``ray.train.torch.prepare_model`` does for DDP, written out (see compat's note)."""
     if worker.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model, move_to_device=worker.device)
+    if worker.device.type == "cuda":
+        torch.cuda.set_device(worker.device)
+    model = model.to(worker.device)
+    if worker.world > 1:
+        on_gpu = worker.device.type == "cuda"
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[worker.device] if on_gpu else None,
+            output_device=worker.device if on_gpu else None)
     return torch.compile(model) if compile else model
 
 
