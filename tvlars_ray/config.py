@@ -168,7 +168,9 @@ HELP = {
     "num_workers": "DDP workers of the trial (0: run in this process, for debugging)",
     "use_gpu": "one GPU-backed worker per DDP rank (NCCL); else CPU workers (gloo)",
     "cpus_per_worker": "CPUs reserved per DDP worker",
-    "gpus_per_worker": "GPUs reserved per DDP worker",
+    "gpus_per_worker": "GPUs reserved per DDP worker: 1, or a share such as 0.25 (four "
+                       "one-worker trials on each GPU, each capped at its share of the "
+                       "GPU's memory)",
     "amp": "mixed precision: auto (bf16 on GPU, off on CPU), none or bf16",
     "channels_last": "channels-last memory layout (default: on GPU only)",
     "compile": "torch.compile the model",
@@ -327,6 +329,10 @@ def _validate(c: TrialConfig) -> None:
                 check(name, getattr(c, name))
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+    _need(not (c.use_gpu and c.gpus_per_worker < 1 and c.num_workers > 1),
+          f"gpus_per_worker {c.gpus_per_worker:g} shares a GPU between trials, which needs one "
+          f"worker per trial (NCCL cannot run two ranks of one trial on one GPU): set "
+          f"num_workers 1, or gpus_per_worker 1")
     if c.num_workers > 0:
         _need(
             c.bs % c.num_workers == 0,

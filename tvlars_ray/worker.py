@@ -86,6 +86,8 @@ class Worker:
         on_gpu = device.type == "cuda"
         if on_gpu:
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels
+        if on_gpu and cfg.gpus_per_worker < 1:  # a shared GPU: stay within this trial's share
+            torch.cuda.set_per_process_memory_fraction(cfg.gpus_per_worker, device)
         amp = cfg.amp == "bf16" or (cfg.amp == "auto" and on_gpu)
         channels_last = on_gpu if cfg.channels_last is None else cfg.channels_last
         return cls(ctx.get_world_rank(), ctx.get_world_size(), device, amp, channels_last)
