@@ -1,4 +1,5 @@
-"""The command line: ``python -m tvlars_ray.run {grid,optuna,trial,status,report,export}``.
+"""The command line: ``tvlars {grid,optuna,trial,status,report,export}``, the same as
+``python -m tvlars_ray.run ...``.
 
 Every setting is checked before Ray starts; a bad one ends the command with a one-line
 ``error:`` naming it, and exit status 2.
@@ -67,9 +68,9 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no live trial table")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m tvlars_ray.run") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m tvlars_ray.run",
+        prog=prog,
         description="Large-batch training experiments with LARS, LAMB and TVLARS on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -345,8 +346,8 @@ COMMANDS = {"grid": cmd_grid, "optuna": cmd_optuna, "trial": cmd_trial, "status"
             "report": cmd_report, "export": cmd_export}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m tvlars_ray.run") -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:
@@ -357,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
+def cli(prog: str = "tvlars") -> None:
+    """The console command ``tvlars`` (pyproject.toml's [project.scripts]) and
+    ``python -m tvlars_ray.run``: one command line under two names."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(main())
+    sys.exit(main(prog=prog))
+
+
+if __name__ == "__main__":
+    cli("python -m tvlars_ray.run")

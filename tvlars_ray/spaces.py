@@ -34,7 +34,19 @@ import yaml
 
 from .config import FIELD_NAMES, ConfigError, TrialConfig, check_keys, field_type
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+def _spaces_dir() -> Path:
+    """The shipped spaces: inside the package when it is installed from a wheel (pyproject.toml
+    maps the top-level search_spaces/ folder there), else that folder beside the package in a
+    checkout (an editable install, PYTHONPATH, a Ray job's working_dir). Found from this file's
+    place rather than by importing: a checkout on PYTHONPATH must not read the spaces of another
+    checkout that an editable install maps."""
+    package = Path(__file__).resolve().parent
+    installed = package / "search_spaces"
+    return installed if installed.is_dir() else package.parent / "search_spaces"
+
+
+SPACES_DIR = _spaces_dir()
 TOP_KEYS = ("description", "experiment", "fixed", "grid", "search", "seeds", "metric", "mode")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
 
@@ -190,6 +202,9 @@ def resolve(name_or_path: str) -> Path:
     if shipped.exists():
         return shipped
     known = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
+    if not known:
+        raise ConfigError(f"no search space '{name_or_path}' and no shipped spaces in "
+                          f"{SPACES_DIR}: reinstall tvlars-ray, or give a YAML path")
     raise ConfigError(f"no search space '{name_or_path}': give a YAML path or one of: {known}")
 
 
