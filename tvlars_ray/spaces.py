@@ -59,6 +59,12 @@ class Space:
     def is_optuna(self) -> bool:
         return bool(self.search)
 
+    def with_seeds(self, count: int) -> Space:
+        """``grid --seeds N``: seeds 0 .. N-1 for every point, whatever the file says."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigError(f"--seeds must be a positive count, got {count!r}")
+        return Space(**{**self.__dict__, "seeds": list(range(count))})
+
     def with_overrides(self, overrides: dict[str, Any]) -> Space:
         """Apply ``--set key=value``: the value replaces the setting in every trial."""
         check_keys(overrides, f"{self.name}: --set")

@@ -63,6 +63,9 @@ EPOCH_COLUMNS = [
     ("test_acc5", pa.float64(), "fraction", "top-5 accuracy (datasets with more than 10 classes)"),
     ("train_samples", pa.int64(), "images", "training samples stepped over, all ranks"),
     ("test_samples", pa.int64(), "images", "test images evaluated, all ranks (the whole set)"),
+    ("val_loss", pa.float64(), "nats", "mean loss over the validation images held out of the "
+     "training set (val_subset)"),
+    ("val_acc", pa.float64(), "fraction", "top-1 accuracy over those validation images"),
     ("cl_loss", pa.float64(), "", "Barlow Twins loss (pretrain stage)"),
     ("lr_now", pa.float64(), "", "learning rate of the last step of the epoch"),
     ("epoch_time_s", pa.float64(), "s", "wall time of the epoch, evaluation included"),
@@ -94,6 +97,8 @@ TRIAL_COLUMNS = [
     ("best_test_acc", pa.float64(), "fraction", "highest test_acc of any epoch"),
     ("best_epoch", pa.int64(), "epochs", "epoch of best_test_acc"),
     ("final_test_acc", pa.float64(), "fraction", "test_acc of the last epoch"),
+    ("best_val_acc", pa.float64(), "fraction", "highest val_acc of any epoch (with val_subset)"),
+    ("final_val_acc", pa.float64(), "fraction", "val_acc of the last epoch (with val_subset)"),
     ("wall_time_s", pa.float64(), "s", "time from the trial's first start to its last update"),
     ("node_ip", pa.string(), "", "address of the node that ran the trial's driver"),
     ("node_id", pa.string(), "", "Ray node id of the node that ran the trial's driver"),
@@ -292,15 +297,21 @@ class Store:
         return _in_order(self._read(files, EPOCH_SCHEMA))
 
     def summary(self, experiment: str, trial_id: str) -> dict[str, Any]:
-        """epochs_done, best_test_acc, best_epoch and final_test_acc from the stored epochs."""
+        """epochs_done, best_test_acc, best_epoch, final_test_acc, best_val_acc and
+        final_val_acc from the stored epochs."""
         epochs = self.trial_epochs(experiment, trial_id)
         summary: dict[str, Any] = {"epochs_done": len(epochs), "best_test_acc": None,
-                                   "best_epoch": None, "final_test_acc": None}
+                                   "best_epoch": None, "final_test_acc": None,
+                                   "best_val_acc": None, "final_val_acc": None}
         scored = epochs.dropna(subset=["test_acc"])
         if len(scored):
             best = scored.loc[scored["test_acc"].idxmax()]
             summary.update(best_test_acc=float(best["test_acc"]), best_epoch=int(best["epoch"]),
                            final_test_acc=float(scored["test_acc"].iloc[-1]))
+        validated = epochs.dropna(subset=["val_acc"])
+        if len(validated):
+            summary.update(best_val_acc=float(validated["val_acc"].max()),
+                           final_val_acc=float(validated["val_acc"].iloc[-1]))
         return summary
 
     def read_epochs(self, experiment: str | None = None) -> pd.DataFrame:
