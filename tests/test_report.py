@@ -184,3 +184,26 @@ def test_paired_differences_on_a_hand_made_store(tmp_path):
     assert "TVLARS ahead of LARS by 5.00 ± 2.48 points over 3 seeds" in (
         out / "report.md").read_text()
     assert len(pd.read_csv(out / "paired.csv")) == 6
+
+
+def test_layer_plot_for_the_chosen_trials(tmp_path):
+    store = Store(str(tmp_path / "s"))
+    _fill(store)
+    trials = store.read_trials("study")
+    for tid in trials.loc[trials["opt"] != "sgd", "trial_id"]:
+        steps = [10, 20, 30]
+        columns = {"step": [], "layer": [], "layer_index": [], "numel": [], "trust_ratio": [],
+                   "weight_norm": [], "update_norm": [], "lr_now": []}
+        for step in steps:
+            for i in range(4):
+                for key, value in (("step", step), ("layer", f"conv{i}.weight"),
+                                   ("layer_index", i), ("numel", 100), ("lr_now", 1.0),
+                                   ("trust_ratio", 1e-3 * (i + 1) / step ** 0.5),
+                                   ("weight_norm", 1.0), ("update_norm", 2.0)):
+                    columns[key].append(value)
+        store.write_layers("study", tid, "train", 2, columns)
+    out = write_report(store, "study", tmp_path / "r")
+    for bs in (512, 1024):
+        png = out / f"layers_cifar10_resnet18_clf_bs{bs}.png"
+        assert png.stat().st_size > 5000
+        assert f"![{png.stem}]({png.name})" in (out / "report.md").read_text()

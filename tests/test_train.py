@@ -24,7 +24,7 @@ def tiny(**changes) -> TrialConfig:
 
 def test_whole_test_set_and_identical_reruns(ray_session, tmp_path):
     store = str(tmp_path)
-    cfg = tiny()
+    cfg = tiny(layer_every=5)
     assert fit_trial(cfg, store, "e", "first") == "completed"
     assert fit_trial(cfg, store, "e", "second") == "completed"
     epochs = Store(store).read_epochs("e")
@@ -41,6 +41,16 @@ def test_whole_test_set_and_identical_reruns(ray_session, tmp_path):
     trials = Store(store).read_trials("e")
     assert list(trials["status"]) == ["completed", "completed"]
     assert list(trials["epochs_done"]) == [2, 2]
+    # the per-layer history: every 5th of the 2 x 13 steps, each adapted layer of the CNN
+    layers = Store(store).read_layers("e")
+    first_layers = layers[layers.trial_id == "first"]
+    assert sorted(first_layers["step"].unique()) == [5, 10, 15, 20, 25]
+    assert list(first_layers.groupby("step")["epoch"].first()) == [0, 0, 1, 1, 1]
+    adapted = first_layers["layer"].unique()
+    assert len(first_layers) == 5 * len(adapted) and all(n.endswith("weight") for n in adapted)
+    assert (first_layers["trust_ratio"] > 0).all() and (first_layers["weight_norm"] > 0).all()
+    by_trial = [layers[layers.trial_id == t].reset_index(drop=True) for t in ("first", "second")]
+    pd.testing.assert_series_equal(by_trial[0]["trust_ratio"], by_trial[1]["trust_ratio"])
 
 
 def test_diverging_trial_is_recorded_not_crashed(ray_session, tmp_path):
@@ -87,6 +97,10 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_session, tmp_path):
     kept = epochs[epochs["epoch"] < len(done_before) - 1]
     assert len(kept) >= 1 and (kept["recorded_at"] < killed_at).all()
     assert (epochs["step"].diff().dropna() > 0).all()
+    # each epoch's last step, once per layer, though an epoch may have run twice
+    layers = st.read_layers("e")
+    assert not layers.duplicated(["trial_id", "step", "layer"]).any()
+    assert sorted(layers["step"].unique()) == list(epochs["step"])
 
 
 @pytest.mark.parametrize("loader", ["torch"])

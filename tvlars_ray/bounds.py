@@ -73,6 +73,7 @@ BOUNDS: dict[str, Bound] = {
     "num_workers": NON_NEGATIVE,
     "cpus_per_worker": POSITIVE,
     "gpus_per_worker": Bound(0, 1, low_open=True, why="a fraction of one GPU or a whole one"),
+    "layer_every": AT_LEAST_ONE,
     "checkpoint_every": AT_LEAST_ONE,
     "max_failures": NON_NEGATIVE,
     "eps": NON_NEGATIVE,

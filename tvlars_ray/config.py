@@ -22,7 +22,7 @@ from .bounds import BOUNDS, check
 from .data import DATASETS
 from .errors import UserError
 from .models import MODELS
-from .optim import available_optimizers
+from .optim import available_optimizers, get_spec
 
 MODES = ("clf", "bt")
 SCHEDULES = ("none", "cosine", "lars-warm")
@@ -86,6 +86,8 @@ class TrialConfig:
     amp: str = "auto"
     channels_last: bool | None = None
     compile: bool = False
+    # what is recorded besides the epochs
+    layer_every: int | None = None
     # fault tolerance
     checkpoint_every: int = 1
     max_failures: int = 2
@@ -171,14 +173,17 @@ HELP = {
     "amp": "mixed precision: auto (bf16 on GPU, off on CPU), none or bf16",
     "channels_last": "channels-last memory layout (default: on GPU only)",
     "compile": "torch.compile the model",
+    "layer_every": "per-layer trust ratio and norms every k optimizer steps (LARS family; "
+                   "none: at each epoch's last step)",
     "checkpoint_every": "checkpoint every k epochs (and at the end)",
     "max_failures": "restarts from the last checkpoint after a worker dies",
 }
 
-# Settings that decide where and how fast a trial runs, not what it computes.
+# Settings that decide where and how fast a trial runs, or what it records besides, not what
+# it computes.
 RESOURCE_FIELDS = frozenset(
     {"data_dir", "loader_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker",
-     "checkpoint_every", "max_failures", "compile"}
+     "checkpoint_every", "max_failures", "compile", "layer_every"}
 )
 
 TVLARS_FIELDS = frozenset({"lmbda", "alpha", "delay", "gamma_min", "norm_clip"})
@@ -193,6 +198,8 @@ def irrelevant_fields(c: TrialConfig) -> frozenset[str]:
         out |= TVLARS_FIELDS
     if c.opt not in ("lars", "tvlars"):
         out.add("eta")
+    if not get_spec(c.opt).lars_family:
+        out.add("layer_every")
     if c.opt not in ("sgd", "lars", "tvlars"):
         out.add("momentum")
     if c.sd != "lars-warm":

@@ -366,6 +366,40 @@ def plot_trust_ratios(table, trials, epochs, out: Path) -> list[Path]:
     return [_save(fig, out / "trust_ratios.png")]
 
 
+def plot_layers(table: pd.DataFrame, layers: pd.DataFrame, out: Path) -> list[Path]:
+    """The paper's layer-wise analysis: each layer's trust ratio over the steps, for the first
+    seed of each cell's chosen configuration; one figure per batch size, one panel per method,
+    layers coloured from input (dark) to output (light)."""
+    if layers.empty:
+        return []
+    files = []
+    winners = _winners(table)
+    for key, g in headline(table).groupby([*GROUP, "bs"], sort=True):
+        panels = [(m, layers[layers["trial_id"] == winners[(*key, m)][0]])
+                  for m in sorted(g["method"])]
+        panels = [(m, rows) for m, rows in panels if len(rows)]
+        if not panels:
+            continue
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1, 3.8),
+                                 sharey=True, squeeze=False, layout="constrained")
+        colours = plt.get_cmap("viridis")
+        for ax, (method, rows) in zip(axes[0], panels):
+            depth = max(int(rows["layer_index"].max()), 1)
+            for index, layer in rows.groupby("layer_index"):
+                ratio = layer["trust_ratio"].where(layer["trust_ratio"] > 0)
+                ax.plot(layer["step"], ratio, color=colours(index / depth), lw=1)
+            ax.set(xlabel="step", yscale="log", title=method)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("trust ratio")
+        fig.colorbar(plt.cm.ScalarMappable(cmap=colours), ax=axes[0].tolist(),
+                     label="layer: input (0) to output (1)")
+        fig.suptitle(f"per-layer trust ratios: {key[0]} {key[1]} {key[2]}, batch {key[3]}",
+                     fontsize=10)
+        files.append(_save(fig, out / f"layers_{key[0]}_{key[1]}_{key[2]}_bs{key[3]}.png",
+                           tight=False))
+    return files
+
+
 def plot_pretrain_losses(table, trials, epochs, out: Path) -> list[Path]:
     """Barlow Twins pre-training loss over epochs, one line per method, per batch size."""
     files = []
@@ -387,8 +421,9 @@ def plot_pretrain_losses(table, trials, epochs, out: Path) -> list[Path]:
     return files
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
+def _save(fig, path: Path, tight: bool = True) -> Path:
+    if tight:  # (a figure with layout="constrained" lays itself out)
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -417,6 +452,7 @@ def write_report(store: Store, experiment: str | None, out: str | Path | None) -
         images += plot_heatmaps(finished, folder)
         images += plot_schedules(finished, epochs, folder)
         images += plot_trust_ratios(table, finished, epochs, folder)
+        images += plot_layers(table, store.read_layers(experiment), folder)
         images += plot_pretrain_losses(table, finished, epochs, folder)
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in images]
     text = "\n".join(lines) + "\n"

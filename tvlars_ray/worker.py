@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrialConfig
+from .layer_history import LayerHistory
 from .monitor import TrialMetrics
 from .store import Store, node_id, node_ip
 
@@ -156,8 +157,18 @@ class Recorder:
         if self.attempt[moment] is None:
             self.attempt[moment] = _utc(time.time())
 
-    def record(self, stage: str, epoch: int, metrics: dict[str, Any]) -> None:
+    def layer_history(self, stage: Stage, every: int | None) -> LayerHistory | None:
+        """Rank 0 keeps the per-layer history of a LARS-family optimizer; nobody else does."""
+        if self.store is None or not LayerHistory.applies(stage.optimizer):
+            return None
+        return LayerHistory(stage.optimizer, unwrap(stage.model), every)
+
+    def record(self, stage: str, epoch: int, metrics: dict[str, Any],
+               history: LayerHistory | None = None) -> None:
         if self.store is not None:
+            layers = history.take() if history is not None else None
+            if layers:
+                self.store.write_layers(self.experiment, self.trial_id, stage, epoch, layers)
             row = {"stage": stage, "epoch": epoch, "world_size": self.worker.world,
                    "backend": dist.get_backend() if self.worker.distributed else None,
                    "precision": "bf16" if self.worker.amp else "fp32",
@@ -329,10 +340,14 @@ def run_stage(stage: Stage, worker: Worker, cfg: TrialConfig, recorder: Recorder
     """
     start = stage.restore(state) if state is not None else 0
     recorder.mark("loop_started_at")
+    history = recorder.layer_history(stage, cfg.layer_every)
+    diverged = False
     for epoch in range(start, stage.epochs):
         began = time.perf_counter()
         torch.manual_seed(epoch_seed(cfg.seed, stage.seed_offset + epoch, worker.rank))
         stage.loader.set_epoch(epoch)
+        if history is not None:
+            history.start_epoch(stage.schedule.last_epoch)
         timing: dict[str, Any] = {"first_step_s": None}
         metrics = stage.one_epoch(timed_batches(stage.loader, worker.device, timing))
         metrics.update(timing)
@@ -344,9 +359,11 @@ def run_stage(stage: Stage, worker: Worker, cfg: TrialConfig, recorder: Recorder
         metrics.update(epoch=epoch, step=stage.schedule.last_epoch, diverged=diverged,
                        epoch_time_s=time.perf_counter() - began,
                        samples_per_s=metrics["train_samples"] / max(train_time, 1e-9))
-        recorder.record(stage.name, epoch, metrics)
+        recorder.record(stage.name, epoch, metrics, history)
         due = not diverged and checkpoint_due(epoch, stage.epochs, cfg.checkpoint_every)
         report(worker, metrics, stage.checkpoint(epoch) if due else None)
         if diverged:
-            return False
-    return True
+            break
+    if history is not None:
+        history.close()
+    return not diverged
