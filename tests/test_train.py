@@ -12,8 +12,8 @@ from tvlars_ray.config import TrialConfig
 from tvlars_ray.store import Store
 from tvlars_ray.trial import fit_trial
 
-METRICS = ["train_loss", "train_acc", "test_loss", "test_acc", "lr_now", "trust_ratio_mean",
-           "phi", "step"]
+METRICS = ["train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc", "lr_now",
+           "trust_ratio_mean", "phi", "step"]
 
 
 def tiny(**changes) -> TrialConfig:
@@ -24,7 +24,7 @@ def tiny(**changes) -> TrialConfig:
 
 def test_whole_test_set_and_identical_reruns(ray_session, tmp_path):
     store = str(tmp_path)
-    cfg = tiny(layer_every=5)
+    cfg = tiny(layer_every=5, val_subset=100)
     assert fit_trial(cfg, store, "e", "first") == "completed"
     assert fit_trial(cfg, store, "e", "second") == "completed"
     epochs = Store(store).read_epochs("e")
@@ -33,6 +33,8 @@ def test_whole_test_set_and_identical_reruns(ray_session, tmp_path):
     assert list(first["epoch"]) == [0, 1]
     # every test image counted once across the two ranks; every training image stepped on
     assert (first["test_samples"] == 301).all() and (first["train_samples"] == 400).all()
+    # the 100 validation images held out of training, evaluated every epoch
+    assert (first["val_samples"] == 100).all() and first["val_acc"].between(0, 1).all()
     assert (first["world_size"] == 2).all()
     # the seed reaches every worker: the same config gives the same numbers
     pd.testing.assert_frame_equal(first[METRICS], second[METRICS])
@@ -128,7 +130,7 @@ def test_device_loader_and_dataloader_train_alike():
                    epochs=6, bs=64, num_workers=1)
         torch.manual_seed(0)
         worker = Worker(0, 1, torch.device("cpu"), False, False)
-        train, test, classes = build_loaders(cfg, worker.rank, worker.world, worker.device)
+        train, test, _, classes = build_loaders(cfg, worker.rank, worker.world, worker.device)
         model = build_model(cfg.model, classes, cfg.stem)
         optimizer = build_optimizer(cfg.opt, model, cfg)
         schedule = build_schedule(optimizer, "cosine", cfg.epochs, len(train), cfg.bs, 0)

@@ -65,6 +65,7 @@ BOUNDS: dict[str, Bound] = {
     "warmup_epochs": NON_NEGATIVE,
     "train_subset": AT_LEAST_ONE,
     "test_subset": AT_LEAST_ONE,
+    "val_subset": AT_LEAST_ONE,
     "loader_workers": NON_NEGATIVE,
     "cl_epochs": NON_NEGATIVE,
     "btlmbda": NON_NEGATIVE,

@@ -69,6 +69,7 @@ class TrialConfig:
     data_dir: str | None = None
     train_subset: int | None = None
     test_subset: int | None = None
+    val_subset: int | None = None
     norm: str = "dataset"
     loader: str = "device"
     loader_workers: int = 0
@@ -154,8 +155,11 @@ HELP = {
     "warmup_epochs": "warm-up epochs of lars-warm",
     "data_dir": "where datasets live (default TVLARS_DATA_DIR, else a user cache folder); "
                 "for imagefolder, the folder or .zip itself",
-    "train_subset": "use a stratified, seeded subset of this many training images",
+    "train_subset": "use a stratified, seeded subset of this many training images (of those "
+                    "left after the validation hold-out)",
     "test_subset": "use a stratified, seeded subset of this many test images",
+    "val_subset": "hold out a stratified, seeded set of this many training images for "
+                  "validation (never trained on; val_loss / val_acc every epoch)",
     "norm": "normalisation statistics: dataset (its own) or imagenet (as the reference)",
     "loader": "device (images on the worker's device, batched augmentation) or torch "
               "(DataLoader, per-sample transforms; for data that does not fit in memory or "

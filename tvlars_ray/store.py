@@ -67,6 +67,7 @@ EPOCH_COLUMNS = [
     ("val_loss", pa.float64(), "nats", "mean loss over the validation images held out of the "
      "training set (val_subset)"),
     ("val_acc", pa.float64(), "fraction", "top-1 accuracy over those validation images"),
+    ("val_samples", pa.int64(), "images", "validation images evaluated, all ranks"),
     ("cl_loss", pa.float64(), "", "Barlow Twins loss (pretrain stage)"),
     ("lr_now", pa.float64(), "", "learning rate of the last step of the epoch"),
     ("epoch_time_s", pa.float64(), "s", "wall time of the epoch, evaluation included"),

@@ -186,8 +186,9 @@ def report(worker: Worker, metrics: dict[str, Any], state: dict[str, Any] | None
     ordered = {k: metrics[k] for k in LEADING_METRICS if k in metrics}
     ordered.update(metrics)
     numbers = {k: v for k, v in ordered.items() if v is not None and not isinstance(v, str)}
-    if metrics.get("diverged"):
+    if metrics.get("diverged"):  # (val_acc too: a study may optimise it)
         numbers.setdefault("test_acc", float("nan"))
+        numbers.setdefault("val_acc", float("nan"))
     if state is None or worker.rank != 0:
         ray.train.report(numbers)
         return
@@ -268,8 +269,11 @@ def train_epoch(model: nn.Module, loader, optimizer, schedule, worker: Worker) -
             "train_samples": int(count)}
 
 
-def evaluate(model: nn.Module, loader, worker: Worker, topk5: bool) -> dict[str, float]:
-    """Loss and accuracy over the whole test set: each rank its disjoint shard, then summed."""
+def evaluate(model: nn.Module, loader, worker: Worker, topk5: bool,
+             split: str = "test") -> dict[str, float]:
+    """Loss and accuracy over a whole evaluation set (``split``: test, or val for the images
+    held out of training): each rank its disjoint shard, then summed. Top-5 is kept for the
+    test set only."""
     net = unwrap(model)
     net.eval()
     tally = worker.tally(3)
@@ -280,8 +284,11 @@ def evaluate(model: nn.Module, loader, worker: Worker, topk5: bool) -> dict[str,
             tally.add(len(y), F.cross_entropy(out, y, reduction="sum"), (top[:, 0] == y).sum(),
                       (top == y[:, None]).any(1).sum())
     (loss, correct, correct5), count = tally.total()
-    return {"test_loss": loss / count, "test_acc": correct / count,
-            "test_acc5": correct5 / count if topk5 else None, "test_samples": int(count)}
+    out = {f"{split}_loss": loss / count, f"{split}_acc": correct / count,
+           f"{split}_samples": int(count)}
+    if split == "test":
+        out["test_acc5"] = correct5 / count if topk5 else None
+    return out
 
 
 # -- the one epoch loop ----------------------------------------------------------------------
