@@ -207,3 +207,14 @@ def test_layer_plot_for_the_chosen_trials(tmp_path):
         png = out / f"layers_cifar10_resnet18_clf_bs{bs}.png"
         assert png.stat().st_size > 5000
         assert f"![{png.stem}]({png.name})" in (out / "report.md").read_text()
+
+
+def test_a_pair_names_every_seed_it_could_not_pair():
+    from tvlars_ray.report import _pair
+
+    got = _pair("TVLARS", {0: 0.5, 1: None, 2: 0.6, 3: None}, "LARS",
+                {0: 0.4, 1: None, 2: None, 3: 0.3})
+    assert got["n"] == 1 and got["seeds"] == "0"
+    assert got["verdict"] == ("TVLARS vs LARS: +10.00 points on 1 seed (no interval from one "
+                              "seed); not paired: TVLARS diverged on seed 3; not paired: LARS "
+                              "diverged on seed 2; not paired: both diverged on seed 1")

@@ -158,8 +158,9 @@ def _pair(first: str, a: dict[int, float | None], second: str,
     diff = interval([a[s] - b[s] for s in both])
     lost_a = [s for s in common if a[s] is None and b[s] is not None]
     lost_b = [s for s in common if b[s] is None and a[s] is not None]
+    lost_both = [s for s in common if a[s] is None and b[s] is None]
     sentence = verdict(diff, first, second)
-    for name, seeds in ((first, lost_a), (second, lost_b)):
+    for name, seeds in ((first, lost_a), (second, lost_b), ("both", lost_both)):
         if seeds:
             sentence += (f"; not paired: {name} diverged on seed"
                          f"{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
