@@ -76,6 +76,8 @@ def build_parser(prog: str = "python -m tvlars_ray.run") -> argparse.ArgumentPar
 
     grid = sub.add_parser("grid", help="run a grid of trials through Ray Tune")
     _sweep_options(grid)
+    grid.add_argument("--seeds", type=int, metavar="N",
+                      help="run every point with seeds 0..N-1 (overrides the space's seeds:)")
     grid.add_argument("--no-report", action="store_true",
                       help="skip the tables and plots written at the end")
 
@@ -148,6 +150,8 @@ def _resource_overrides(args: argparse.Namespace, space_fixed: dict[str, Any],
 
 def _load(args: argparse.Namespace, cluster_gpus: float = 0.0):
     space = load_space(args.space or DEFAULT_SPACE)
+    if getattr(args, "seeds", None) is not None:
+        space = space.with_seeds(args.seeds)
     overrides = parse_overrides(args.overrides)
     overrides.update(_resource_overrides(args, {**space.fixed, **overrides}, cluster_gpus))
     if "data_dir" in space.fixed:

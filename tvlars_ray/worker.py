@@ -35,6 +35,7 @@ from torch import nn
 
 from . import compat
 from .config import TrialConfig
+from .layer_history import LayerHistory
 from .monitor import TrialMetrics
 from .store import Store, node_id, node_ip
 
@@ -158,8 +159,18 @@ class Recorder:
         if self.attempt[moment] is None:
             self.attempt[moment] = _utc(time.time())
 
-    def record(self, stage: str, epoch: int, metrics: dict[str, Any]) -> None:
+    def layer_history(self, stage: Stage, every: int | None) -> LayerHistory | None:
+        """Rank 0 keeps the per-layer history of a LARS-family optimizer; nobody else does."""
+        if self.store is None or not LayerHistory.applies(stage.optimizer):
+            return None
+        return LayerHistory(stage.optimizer, unwrap(stage.model), every)
+
+    def record(self, stage: str, epoch: int, metrics: dict[str, Any],
+               history: LayerHistory | None = None) -> None:
         if self.store is not None:
+            layers = history.take() if history is not None else None
+            if layers:
+                self.store.write_layers(self.experiment, self.trial_id, stage, epoch, layers)
             row = {"stage": stage, "epoch": epoch, "world_size": self.worker.world,
                    "backend": dist.get_backend() if self.worker.distributed else None,
                    "precision": "bf16" if self.worker.amp else "fp32",
@@ -177,8 +188,9 @@ def report(worker: Worker, metrics: dict[str, Any], state: dict[str, Any] | None
     ordered = {k: metrics[k] for k in LEADING_METRICS if k in metrics}
     ordered.update(metrics)
     numbers = {k: v for k, v in ordered.items() if v is not None and not isinstance(v, str)}
-    if metrics.get("diverged"):
+    if metrics.get("diverged"):  # (val_acc too: a study may optimise it)
         numbers.setdefault("test_acc", float("nan"))
+        numbers.setdefault("val_acc", float("nan"))
     if state is None or worker.rank != 0:
         compat.train_report(numbers)
         return
@@ -268,8 +280,11 @@ def train_epoch(model: nn.Module, loader, optimizer, schedule, worker: Worker) -
             "train_samples": int(count)}
 
 
-def evaluate(model: nn.Module, loader, worker: Worker, topk5: bool) -> dict[str, float]:
-    """Loss and accuracy over the whole test set: each rank its disjoint shard, then summed."""
+def evaluate(model: nn.Module, loader, worker: Worker, topk5: bool,
+             split: str = "test") -> dict[str, float]:
+    """Loss and accuracy over a whole evaluation set (``split``: test, or val for the images
+    held out of training): each rank its disjoint shard, then summed. Top-5 is kept for the
+    test set only."""
     net = unwrap(model)
     net.eval()
     tally = worker.tally(3)
@@ -280,8 +295,11 @@ def evaluate(model: nn.Module, loader, worker: Worker, topk5: bool) -> dict[str,
             tally.add(len(y), F.cross_entropy(out, y, reduction="sum"), (top[:, 0] == y).sum(),
                       (top == y[:, None]).any(1).sum())
     (loss, correct, correct5), count = tally.total()
-    return {"test_loss": loss / count, "test_acc": correct / count,
-            "test_acc5": correct5 / count if topk5 else None, "test_samples": int(count)}
+    out = {f"{split}_loss": loss / count, f"{split}_acc": correct / count,
+           f"{split}_samples": int(count)}
+    if split == "test":
+        out["test_acc5"] = correct5 / count if topk5 else None
+    return out
 
 
 # -- the one epoch loop ----------------------------------------------------------------------
@@ -340,10 +358,14 @@ def run_stage(stage: Stage, worker: Worker, cfg: TrialConfig, recorder: Recorder
     """
     start = stage.restore(state) if state is not None else 0
     recorder.mark("loop_started_at")
+    history = recorder.layer_history(stage, cfg.layer_every)
+    diverged = False
     for epoch in range(start, stage.epochs):
         began = time.perf_counter()
         torch.manual_seed(epoch_seed(cfg.seed, stage.seed_offset + epoch, worker.rank))
         stage.loader.set_epoch(epoch)
+        if history is not None:
+            history.start_epoch(stage.schedule.last_epoch)
         timing: dict[str, Any] = {"first_step_s": None}
         metrics = stage.one_epoch(timed_batches(stage.loader, worker.device, timing))
         metrics.update(timing)
@@ -355,9 +377,11 @@ def run_stage(stage: Stage, worker: Worker, cfg: TrialConfig, recorder: Recorder
         metrics.update(epoch=epoch, step=stage.schedule.last_epoch, diverged=diverged,
                        epoch_time_s=time.perf_counter() - began,
                        samples_per_s=metrics["train_samples"] / max(train_time, 1e-9))
-        recorder.record(stage.name, epoch, metrics)
+        recorder.record(stage.name, epoch, metrics, history)
         due = not diverged and checkpoint_due(epoch, stage.epochs, cfg.checkpoint_every)
         report(worker, metrics, stage.checkpoint(epoch) if due else None)
         if diverged:
-            return False
-    return True
+            break
+    if history is not None:
+        history.close()
+    return not diverged
