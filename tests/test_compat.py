@@ -44,3 +44,16 @@ def test_all_reduce_with_grad_sums_and_back_propagates():
         assert y.tolist() == [3.0, 6.0] and x.grad.tolist() == [3.0, 3.0]
     finally:
         dist.destroy_process_group()
+
+
+def test_the_trainer_leaves_out_ray_data_only_without_datasets(tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    def kinds(**extra):
+        trainer = compat.TorchTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=1),
+                                      run_config=RunConfig(storage_path=str(tmp_path)), **extra)
+        return [type(c) for c in trainer._create_default_callbacks()]
+
+    assert DatasetsCallback not in kinds()
+    assert DatasetsCallback in kinds(datasets={"train": lambda: None})  # a dataset factory

@@ -1,4 +1,5 @@
-"""The command line: ``python -m tvlars_ray.run {grid,optuna,trial,status,report,export,check}``.
+"""The command line: ``tvlars {grid,optuna,trial,status,report,export,check}``, the same as
+``python -m tvlars_ray.run ...``.
 
 Every setting is checked before Ray starts; a bad one ends the command with a one-line
 ``error:`` naming it, and exit status 2. Ctrl-C or SIGTERM stops a run with every trial
@@ -74,14 +75,16 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no live trial table")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m tvlars_ray.run") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m tvlars_ray.run",
+        prog=prog,
         description="Large-batch training experiments with LARS, LAMB and TVLARS on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     grid = sub.add_parser("grid", help="run a grid of trials through Ray Tune")
     _sweep_options(grid)
+    grid.add_argument("--seeds", type=int, metavar="N",
+                      help="run every point with seeds 0..N-1 (overrides the space's seeds:)")
     grid.add_argument("--no-report", action="store_true",
                       help="skip the tables and plots written at the end")
 
@@ -166,6 +169,8 @@ def _resource_overrides(args: argparse.Namespace, space_fixed: dict[str, Any],
 
 def _load(args: argparse.Namespace, cluster_gpus: float = 0.0):
     space = load_space(args.space or DEFAULT_SPACE)
+    if getattr(args, "seeds", None) is not None:
+        space = space.with_seeds(args.seeds)
     overrides = parse_overrides(args.overrides)
     overrides.update(_resource_overrides(args, {**space.fixed, **overrides}, cluster_gpus))
     if "data_dir" in space.fixed:
@@ -192,7 +197,7 @@ def _sweep(args: argparse.Namespace, space) -> Any:
 
 def _resume_hint(args: argparse.Namespace, experiment: str, trial_id: str | None = None) -> str:
     """The command that finishes what this one started."""
-    words = ["python", "-m", "tvlars_ray.run", args.command]
+    words = [*args.prog.split(), args.command]
     if args.command == "optuna":  # the study's space and settings are not stored
         words += ["--space", args.space or DEFAULT_SPACE, "--num-samples", str(args.num_samples),
                   "--seed", str(args.seed)]
@@ -421,7 +426,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         problems += not health.ok
         print(_describe(health))
         if args.repair and (health.lost or moved):
-            print(f"  to run the lost epochs again: {_resume_for(st, name)}")
+            print(f"  to run the lost epochs again: {_resume_for(args.prog, st, name)}")
     return 1 if problems and not args.repair else 0
 
 
@@ -446,13 +451,12 @@ def _describe(health) -> str:
     return "\n".join(lines)
 
 
-def _resume_for(st: Store, name: str) -> str:
+def _resume_for(prog: str, st: Store, name: str) -> str:
     where = f"--store {shlex.quote(st.uri)} --experiment {name} --resume"
     if st.read_grid(name) is not None:
-        return f"python -m tvlars_ray.run grid {where}"
-    return (f"python -m tvlars_ray.run optuna --space SPACE {where} (the --space and --set "
-            f"it ran with), or for single trials: python -m tvlars_ray.run trial {where} "
-            f"TRIAL_ID")
+        return f"{prog} grid {where}"
+    return (f"{prog} optuna --space SPACE {where} (the --space and --set it ran with), or for "
+            f"single trials: {prog} trial {where} TRIAL_ID")
 
 
 def _print_dry_run(space, trials: list[TrialConfig]) -> None:
@@ -475,9 +479,9 @@ COMMANDS = {"grid": cmd_grid, "optuna": cmd_optuna, "trial": cmd_trial, "status"
             "report": cmd_report, "export": cmd_export, "check": cmd_check}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.resume_hint = None
+def main(argv: list[str] | None = None, prog: str = "python -m tvlars_ray.run") -> int:
+    args = build_parser(prog).parse_args(argv)
+    args.prog, args.resume_hint = prog, None
     with warnings.catch_warnings(), _sigterm_as_sigint():
         warnings.filterwarnings("always", category=DamagedFileWarning)
         warnings.showwarning = _show_warning
@@ -536,6 +540,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
-if __name__ == "__main__":
+def cli(prog: str = "tvlars") -> None:
+    """The console command ``tvlars`` (pyproject.toml's [project.scripts]) and
+    ``python -m tvlars_ray.run``: one command line under two names."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(main())
+    sys.exit(main(prog=prog))
+
+
+if __name__ == "__main__":
+    cli("python -m tvlars_ray.run")

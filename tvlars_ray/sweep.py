@@ -27,17 +27,25 @@ from typing import Any
 
 import ray
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from .cluster import Plan, check_shared_store, cluster_nodes, connect, plan
+from .compat import TrainToTune
 from .config import ConfigError, TrialConfig
 from .console import pct, render_table
 from .errors import UserError
 from .monitor import SweepMetrics
 from .store import Lock, Store, StoreError, StoreWriteError, check_name, expected_epochs
 from .trial import fit_trial, one_line, rerun
+
+# A trial's driver is a process that imports Tune, Ray Train and torch (seconds on a laptop);
+# Tune hands it the next trial instead of starting a new one. Each trial still builds its own
+# TorchTrainer (controller, workers, DDP group): only the driver's process is reused. Not under
+# a scheduler that stops trials early (ASHA): Tune then gives the stopped trial's thread 2 s to
+# end before handing its process on, a TorchTrainer takes longer to wind down, and Tune fails
+# the next trial ("Could not re-use actor") instead of starting a new process for it.
+REUSE_DRIVERS = True
 
 
 class SweepError(UserError, RuntimeError):
@@ -60,7 +68,7 @@ def train_driver_fn(config: dict[str, Any], store: str, experiment: str,
     cfg = TrialConfig.from_dict(trial_settings(config, grid, base))
     key = config.get("trial")
     trial_id = (ids or {}).get(key) or tune.get_context().get_trial_id()
-    fit_trial(cfg, store, experiment, trial_id, callbacks=[TuneReportCallback()],
+    fit_trial(cfg, store, experiment, trial_id, callbacks=[TrainToTune()],
               record_failure=False, fill=(fills or {}).get(key))
 
 
@@ -351,7 +359,8 @@ def _grid_tuner(st: Store, sweep: Sweep, plan_: Plan, grid: dict[str, dict[str, 
     return tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(sorted(keys))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=plan_.concurrency),
+        tune_config=tune.TuneConfig(max_concurrent_trials=plan_.concurrency,
+                                    reuse_actors=REUSE_DRIVERS),
         run_config=_run_config(st, sweep, grid=grid, ids=ids, name=name),
     )
 
@@ -437,7 +446,8 @@ def run_optuna(space, num_samples: int, sweep: Sweep, seed: int = 0,
             tune_config=tune.TuneConfig(
                 search_alg=OptunaSearch(seed=seed), scheduler=scheduler,
                 num_samples=num_samples, metric=space.metric, mode=space.mode,
-                max_concurrent_trials=plan_.concurrency),
+                max_concurrent_trials=plan_.concurrency,
+                reuse_actors=REUSE_DRIVERS and scheduler is None),
             run_config=_run_config(st, sweep, base=base),
         )
         return _fit(tuner, st, sweep)

@@ -12,9 +12,9 @@ from typing import Any
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from .cluster import cluster_nodes, connect, plan, worker_resources
+from .compat import TorchTrainer
 from .config import TrialConfig
 from .errors import UserError
 from .store import (
