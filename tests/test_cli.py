@@ -12,6 +12,17 @@ BAD = [
     (["grid", "--set", "bs=33"], "bs 33 is not divisible by num_workers 2"),
     (["grid", "--set", "epochs=0"], "epochs must be at least 1"),
     (["grid", "--set", "lrr=1"], "unknown setting 'lrr'"),
+    (["grid", "--set", "wd=inf"], "wd must be finite and non-negative, got inf"),
+    (["grid", "--set", "lr=inf"], "lr must be finite and positive, got inf"),
+    (["grid", "--set", "lr=.nan"], "lr must be finite and positive, got nan"),
+    (["grid", "--set", "cpus_per_worker=0"], "cpus_per_worker must be positive"),
+    (["grid", "--cpus-per-worker", "0"], "cpus_per_worker must be positive"),
+    (["grid", "--set", "gpus_per_worker=inf"], "gpus_per_worker must be a finite number"),
+    (["trial", "--wd", "inf", "--local"], "wd must be finite and non-negative"),
+    (["grid", "--experiment", ".."], "experiment name '..' is not allowed"),
+    (["report"], "no store at"),
+    (["export"], "no store at"),
+    (["check"], "no store at"),
     (["grid", "--set", "ds=imagefolder"], "imagefolder needs --data-dir"),
     (["grid", "--set", "ds=imagefolder", "--set", "data_dir=/nowhere/x.zip"],
      "not found in /nowhere"),
@@ -21,7 +32,7 @@ BAD = [
     (["grid", "--resume", "--experiment", "never-ran"], "nothing to resume"),
     (["trial", "--opt", "khlars", "--local"], "unknown optimizer (opt) 'khlars'"),
     (["trial", "--bs", "33", "--dv", "0", "1"], "bs 33 is not divisible by num_workers 2"),
-    (["status", "--experiment", "ghost"], "no experiment 'ghost'"),
+    (["status", "--experiment", "ghost"], "no store at"),
 ]
 
 

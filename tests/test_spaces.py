@@ -82,6 +82,10 @@ def test_overrides_apply_to_every_trial():
     ({"search": {"lr": {"loguniform": [0, 2]}}}, ["loguniform", "positive"]),
     ({"search": {"lr": {"uniform": [-2, -1]}}}, ["search.lr", "lr must be positive"]),
     ({"grid": {"lr": [1]}, "seeds": 0}, ["seeds"]),
+    (None, ["the space is empty"]),  # an empty or comment-only file
+    ({}, ["the space is empty"]),
+    ({"grid": {"lr": [float("inf")]}}, ["lr must be finite and positive, got inf"]),
+    ({"fixed": {"wd": float("nan")}, "grid": {"lr": [1]}}, ["wd must be finite"]),
     ({"search": {"lr": {"uniform": [1, 2]}}, "metric": "val_acc"}, ["val_acc", "val_subset"]),
     ({"search": {"lr": {"uniform": [1, 2]}}, "metric": "accuracy"}, ["unknown metric"]),
 ])

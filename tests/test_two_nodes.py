@@ -1,6 +1,8 @@
-"""A grid against two Ray nodes started as separate processes on this machine."""
+"""A grid against two Ray nodes started as separate processes on this machine, and the same
+when the second node is lost mid-trial."""
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -8,10 +10,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
+import pytest
 import yaml
 
 from tvlars_ray.run import main
-from tvlars_ray.store import read_epochs, read_trials
+from tvlars_ray.store import Store, read_epochs, read_trials
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "cluster" / "local-two-node.sh"
@@ -29,11 +33,16 @@ def _metrics() -> str:
     return text
 
 
-def test_grid_runs_on_both_nodes_and_exports_metrics(tmp_path):
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A head and a second node as separate processes; the driver joined to them."""
     import ray
 
     env = {**os.environ, "RAY": str(Path(sys.executable).with_name("ray")),
-           "TEMP_DIR": f"/tmp/tvr2n-{os.getpid()}", "RAY_metrics_report_interval_ms": "1000"}
+           "TEMP_DIR": f"/tmp/tvr2n-{os.getpid()}", "RAY_metrics_report_interval_ms": "1000",
+           # a lost node is declared dead within seconds, not half a minute
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+           "RAY_health_check_failure_threshold": "3"}
     started = subprocess.run([str(SCRIPT), "start"], env=env, capture_output=True, text=True)
     assert started.returncode == 0, started.stderr[-2000:]
     address = started.stdout.strip().splitlines()[-1]
@@ -42,38 +51,107 @@ def test_grid_runs_on_both_nodes_and_exports_metrics(tmp_path):
         deadline = time.time() + 60
         while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.time() < deadline:
             time.sleep(0.5)
-        nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        head = {n["NodeID"] for n in ray.nodes() if n["Alive"] and "TUNE_DRIVER" in n[
-            "Resources"]}
-        assert len(nodes) == 2 and len(head) == 1
-        space = tmp_path / "two.yaml"
-        space.write_text(yaml.safe_dump({
-            "fixed": {"ds": "synthetic", "model": "cnn", "stem": "cifar", "train_subset": 600,
-                      "test_subset": 200, "epochs": 3, "bs": 32, "num_workers": 2},
-            "grid": {"opt": {"sgd": {"lr": 0.05}, "lars": {"lr": 4.0}}}}))
-        store = str(tmp_path / "store")
-        # Prometheus sees the live gauges while the grid runs: scrape as it goes
-        outcome, seen = {}, []
-        runner = threading.Thread(target=lambda: outcome.setdefault("rc", main([
-            "grid", "--space", str(space), "--store", store, "--address", address, "--quiet",
-            "--no-report"])))
-        runner.start()
-        while runner.is_alive():
-            seen += [line for line in _metrics().splitlines() if line.startswith("ray_tvlars")]
-            time.sleep(0.5)
-        assert outcome["rc"] == 0
-        trials = read_trials(store, "two")
-        assert set(trials["status"]) == {"completed"}
-        assert set(trials["node_id"]) == head  # trial drivers hold TUNE_DRIVER: the head
-        epochs = read_epochs(store, "two")
-        # the two trials ran at once, one worker group per node
-        assert set(epochs["node_id"]) == nodes
-        for trial_id in trials["trial_id"]:
-            assert any(line.startswith("ray_tvlars_test_acc") and f'trial_id="{trial_id}"' in line
-                       for line in seen), trial_id
-        assert any(line.startswith("ray_tvlars_samples_per_s") for line in seen)
-        assert any(line.startswith("ray_tvlars_trials") and 'status="running"' in line
-                   for line in seen)
+        yield address
     finally:
         ray.shutdown()
         subprocess.run([str(SCRIPT), "stop"], env=env, capture_output=True)
+
+
+def _space(tmp_path: Path, name: str, epochs: int, grid: dict) -> str:
+    space = tmp_path / f"{name}.yaml"
+    space.write_text(yaml.safe_dump({
+        "fixed": {"ds": "synthetic", "model": "cnn", "stem": "cifar", "train_subset": 600,
+                  "test_subset": 200, "epochs": epochs, "bs": 32, "num_workers": 2},
+        "grid": grid}))
+    return str(space)
+
+
+def _grid_in_thread(argv: list[str]) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.setdefault("rc", main(argv)))
+    runner.start()
+    return runner, outcome
+
+
+def test_grid_runs_on_both_nodes_and_exports_metrics(two_nodes, tmp_path):
+    import ray
+
+    nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    head = {n["NodeID"] for n in ray.nodes() if n["Alive"] and "TUNE_DRIVER" in n[
+        "Resources"]}
+    assert len(nodes) == 2 and len(head) == 1
+    space = _space(tmp_path, "two", 3, {"opt": {"sgd": {"lr": 0.05}, "lars": {"lr": 4.0}}})
+    store = str(tmp_path / "store")
+    # Prometheus sees the live gauges while the grid runs: scrape as it goes
+    seen = []
+    runner, outcome = _grid_in_thread(["grid", "--space", space, "--store", store,
+                                       "--address", two_nodes, "--quiet", "--no-report"])
+    while runner.is_alive():
+        seen += [line for line in _metrics().splitlines() if line.startswith("ray_tvlars")]
+        time.sleep(0.5)
+    assert outcome["rc"] == 0
+    trials = read_trials(store, "two")
+    assert set(trials["status"]) == {"completed"}
+    assert set(trials["node_id"]) == head  # trial drivers hold TUNE_DRIVER: the head
+    epochs = read_epochs(store, "two")
+    # the two trials ran at once, one worker group per node
+    assert set(epochs["node_id"]) == nodes
+    for trial_id in trials["trial_id"]:
+        assert any(line.startswith("ray_tvlars_test_acc") and f'trial_id="{trial_id}"' in line
+                   for line in seen), trial_id
+    assert any(line.startswith("ray_tvlars_samples_per_s") for line in seen)
+    assert any(line.startswith("ray_tvlars_trials") and 'status="running"' in line
+               for line in seen)
+
+
+def _raylet_group(node_id: str) -> int:
+    """The process group of the raylet of ``node_id`` (``ray start`` leads one per node)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmdline and cmdline[0].endswith(b"raylet") and \
+                    f"--node_id={node_id}".encode() in cmdline:
+                return os.getpgid(int(entry.name))
+    raise AssertionError(f"no raylet for node {node_id}")
+
+
+def test_a_lost_node_costs_its_trial_a_restart_not_the_grid(two_nodes, tmp_path):
+    """SIGKILL the second node while a trial's workers run there: that trial continues from
+    its checkpoint on the head (FailureConfig), the grid completes, each epoch stored once."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    head = next(n["NodeID"] for n in alive if "TUNE_DRIVER" in n["Resources"])
+    other = next(n["NodeID"] for n in alive if n["NodeID"] != head)
+    space = _space(tmp_path, "lost", 5, {"opt": {"sgd": {"lr": [0.05, 0.1]}}})
+    store = str(tmp_path / "store")
+    st = Store(store)
+    runner, outcome = _grid_in_thread(["grid", "--space", space, "--store", store,
+                                       "--address", two_nodes, "--quiet", "--no-report"])
+    deadline = time.time() + 240
+    victim = None
+    while victim is None and time.time() < deadline and runner.is_alive():
+        if st.is_experiment("lost"):
+            epochs = st.read_epochs("lost")
+            there = epochs[epochs["node_id"] == other]
+            victim = there["trial_id"].iloc[0] if len(there) else None
+        time.sleep(0.2)
+    assert victim is not None, "no trial ran on the second node"
+    group = _raylet_group(other)
+    assert group not in (os.getpgrp(), _raylet_group(head))  # only the second node's
+    os.killpg(group, signal.SIGKILL)
+    killed_at = pd.Timestamp.now(tz="UTC")
+    runner.join(timeout=300)
+    assert not runner.is_alive(), "the grid hung after losing a node"
+    assert outcome["rc"] == 0
+    trials = read_trials(store, "lost")
+    assert len(trials) == 2 and set(trials["status"]) == {"completed"}
+    epochs = read_epochs(store, "lost")
+    assert len(epochs) == 10 and not epochs.duplicated(["trial_id", "stage", "epoch"]).any()
+    moved = epochs[epochs["trial_id"] == victim]
+    # it carried on on the surviving node
+    assert (moved.loc[moved["recorded_at"] > killed_at, "node_id"] == head).all()
+    assert (moved["recorded_at"] > killed_at).any()

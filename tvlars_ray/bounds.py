@@ -91,4 +91,7 @@ def check(name: str, value: float | None, key: str | None = None) -> None:
         return
     bound = BOUNDS[key or name]
     if not bound.contains(value):
-        raise ValueError(f"{name} must be {bound.describe()}, got {value}")
+        text = bound.describe()
+        if not (isinstance(value, bool) or math.isfinite(value) or "finite" in text):
+            text = f"finite and {text}"
+        raise ValueError(f"{name} must be {text}, got {value}")

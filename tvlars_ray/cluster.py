@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,13 +55,18 @@ def connect(address: str | None = None, num_cpus: int | None = None,
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.update(ray_env())
     runtime_env = {"env_vars": ray_env(), "worker_process_setup_hook": process_setup.HOOK}
+    # ray.init replaces the SIGTERM handler with one that exits at once (and its C++ core's,
+    # which aborts): a handler the caller installed, to stop gracefully, is put back.
+    sigterm = signal.getsignal(signal.SIGTERM)
     if address:
         ray.init(address=address, runtime_env=runtime_env)
-        return
-    os.environ.setdefault("REPORTER_UPDATE_INTERVAL_MS", LOCAL_REPORTER_MS)
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
-             resources={DRIVER_RESOURCE: 1000.0}, include_dashboard=True,
-             runtime_env=runtime_env)
+    else:
+        os.environ.setdefault("REPORTER_UPDATE_INTERVAL_MS", LOCAL_REPORTER_MS)
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
+                 resources={DRIVER_RESOURCE: 1000.0}, include_dashboard=True,
+                 runtime_env=runtime_env)
+    if callable(sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm)
 
 
 def cluster_nodes() -> list[dict[str, float]]:

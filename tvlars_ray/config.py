@@ -335,9 +335,10 @@ def _validate(c: TrialConfig) -> None:
     _one_of("amp", c.amp, AMPS)
 
     for name in FIELD_NAMES:
-        if name in BOUNDS and not (name == "gpus_per_worker" and not c.use_gpu):
+        if name in BOUNDS:
+            unused = name == "gpus_per_worker" and not c.use_gpu  # only finite, then
             try:
-                check(name, getattr(c, name))
+                check(name, getattr(c, name), "delay" if unused else None)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
     _need(not (c.use_gpu and c.gpus_per_worker < 1 and c.num_workers > 1),

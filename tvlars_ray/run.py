@@ -1,8 +1,9 @@
-"""The command line: ``tvlars {grid,optuna,trial,status,report,export}``, the same as
+"""The command line: ``tvlars {grid,optuna,trial,status,report,export,check}``, the same as
 ``python -m tvlars_ray.run ...``.
 
 Every setting is checked before Ray starts; a bad one ends the command with a one-line
-``error:`` naming it, and exit status 2.
+``error:`` naming it, and exit status 2. Ctrl-C or SIGTERM stops a run with every trial
+recorded, prints the command that resumes it and exits with status 130.
 
 Ray Tune, Ray Train and matplotlib take seconds to import, so the commands import the modules
 built on them (sweep, trial, cluster, report) when they need them: ``--help``, ``status`` and
@@ -12,9 +13,15 @@ a refused input answer at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
+import shlex
+import signal
 import sys
+import threading
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +38,7 @@ from .console import fmt, pct, render_table
 from .data import check_trials, cost_estimate
 from .errors import UserError
 from .spaces import load_space, parse_overrides
-from .store import STATUSES, Store
+from .store import STATUSES, DamagedFileWarning, Store, StoreError, StoreWriteError, check_name
 
 DEFAULT_STORE = "results"
 DEFAULT_SPACE = "quickstart"
@@ -106,6 +113,8 @@ def build_parser(prog: str = "python -m tvlars_ray.run") -> argparse.ArgumentPar
     trial.add_argument("--port", type=int, help="accepted for the reference CLI; Ray picks ports")
     trial.add_argument("--local", action="store_true",
                        help="debug mode: the loop runs in this process (breakpoints work)")
+    trial.add_argument("--resume", metavar="TRIAL_ID",
+                       help="finish a stored trial of --experiment with its own settings")
     trial.add_argument("--address", default=None, help="Ray cluster to join")
 
     status = sub.add_parser("status", help="trials of an experiment, from the store")
@@ -120,6 +129,16 @@ def build_parser(prog: str = "python -m tvlars_ray.run") -> argparse.ArgumentPar
     export.add_argument("--layout", choices=["reference"], default="reference",
                         help="reference: runs/{ds}_{model}/{opt}[_{lmbda}]/{bs}_{lr}_{sd}.parquet")
     export.add_argument("--out", default="runs", help="folder to write (default: ./runs)")
+
+    check = sub.add_parser(
+        "check", help="damaged files, lost epochs, trials whose driver is gone",
+        description="List what is wrong with a store: files that are not readable parquet, "
+                    "trials that lost epochs, trials marked running whose driver is gone. "
+                    "Exit status 1 if anything is.")
+    _store_options(check, "experiment (default: all)")
+    check.add_argument("--repair", action="store_true",
+                       help="move damaged files aside (never delete), rebuild lost rows, "
+                            "settle dead trials, so --resume re-runs exactly what was lost")
     return parser
 
 
@@ -168,10 +187,26 @@ def check_data(trials: list[TrialConfig]) -> None:
 def _sweep(args: argparse.Namespace, space) -> Any:
     from .sweep import Sweep
 
-    return Sweep(store=args.store, experiment=args.experiment or space.experiment,
-                 resume=args.resume, overwrite=args.overwrite,
-                 max_concurrent=args.max_concurrent, address=args.address,
-                 verbose=0 if args.quiet else 1)
+    sweep = Sweep(store=args.store, experiment=args.experiment or space.experiment,
+                  resume=args.resume, overwrite=args.overwrite,
+                  max_concurrent=args.max_concurrent, address=args.address,
+                  verbose=0 if args.quiet else 1, command=args.command)
+    args.resume_hint = _resume_hint(args, sweep.experiment)
+    return sweep
+
+
+def _resume_hint(args: argparse.Namespace, experiment: str, trial_id: str | None = None) -> str:
+    """The command that finishes what this one started."""
+    words = [*args.prog.split(), args.command]
+    if args.command == "optuna":  # the study's space and settings are not stored
+        words += ["--space", args.space or DEFAULT_SPACE, "--num-samples", str(args.num_samples),
+                  "--seed", str(args.seed)]
+        words += [f"--set={item}" for item in args.overrides or []]
+        words += ["--asha", "--grace-period", str(args.grace_period)] if args.asha else []
+    words += ["--store", args.store, "--experiment", experiment]
+    words += ["--address", args.address] if args.address else []
+    words += ["--resume"] + ([trial_id] if trial_id else [])
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def _cluster_gpus(args: argparse.Namespace) -> float:
@@ -241,16 +276,36 @@ def cmd_trial(args: argparse.Namespace) -> int:
         values.update(num_workers=len(args.dv), use_gpu=True)
     if args.local:
         values["num_workers"] = 0
-    cfg = TrialConfig.from_dict(_absolute_data_dir(values))
-    check_data([cfg])
     experiment = args.experiment or "trials"
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    trial_id = f"{cfg.opt}-bs{cfg.bs}-lr{cfg.lr:g}-{stamp}"
+    if args.resume:
+        cfg, trial_id = _stored_trial(args, experiment, values), args.resume
+    else:
+        cfg = TrialConfig.from_dict(_absolute_data_dir(values))
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        trial_id = f"{cfg.opt}-bs{cfg.bs}-lr{cfg.lr:g}-{stamp}"
+    check_data([cfg])
+    args.resume_hint = _resume_hint(args, experiment, trial_id)
     from .trial import run_single
 
-    status = run_single(cfg, args.store, experiment, trial_id, address=args.address)
+    status = run_single(cfg, args.store, experiment, trial_id, address=args.address,
+                        resume=bool(args.resume))
     _finish(args, experiment, report=False)
     return 0 if status in ("completed", "diverged") else 1
+
+
+def _stored_trial(args: argparse.Namespace, experiment: str,
+                  values: dict[str, Any]) -> TrialConfig:
+    """The settings a stored trial ran with (``trial --resume``)."""
+    if values:
+        raise ConfigError(f"--resume runs the trial with its stored settings: drop "
+                          f"{', '.join('--' + k for k in sorted(values))}")
+    st = Store(args.store)
+    st.require(experiment)
+    row = st.trial_row(experiment, args.resume)
+    if not row:
+        raise StoreError(f"no trial '{args.resume}' in experiment '{experiment}' of {st.uri}: "
+                         f"`status` lists them")
+    return st.row_config(row)
 
 
 def _finish(args: argparse.Namespace, experiment: str, report: bool) -> None:
@@ -262,7 +317,11 @@ def _finish(args: argparse.Namespace, experiment: str, report: bool) -> None:
     if report:
         from .report import write_report
 
-        out = write_report(st, experiment, None)
+        try:
+            out = write_report(st, experiment, None)
+        except OSError as exc:  # a full disk: the results are stored, the report can wait
+            print(f"report not written ({exc}): `report` writes it later", file=sys.stderr)
+            return
         print(f"report: {out}")
 
 
@@ -288,15 +347,14 @@ def summary_table(st: Store, experiment: str | None) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     st = Store(args.store)
+    st.require(args.experiment)
     names = [args.experiment] if args.experiment else st.experiments()
     if not names:
         print(f"no experiments in {st.uri}")
         return 0
     for name in names:
-        if not st.exists(name):
-            raise ConfigError(f"no experiment '{name}' in {st.uri}: "
-                              f"found {', '.join(st.experiments()) or 'none'}")
         trials = st.read_trials(name)
+        st.read_epochs(name)  # finds (and names) damaged epoch files
         counts = trials["status"].value_counts().to_dict() if len(trials) else {}
         planned = _planned(st, name)
         pending = max(planned - len(trials), 0) if planned else 0
@@ -305,8 +363,27 @@ def cmd_status(args: argparse.Namespace) -> int:
             parts.append(f"{pending} not started")
         print(f"experiment {name}: {len(trials)} trials ({', '.join(parts)})")
         print(summary_table(st, name))
+        for line in _status_notes(st, name, counts.get("running", 0)):
+            print(line)
         print()
     return 0
+
+
+def _status_notes(st: Store, name: str, running: int) -> list[str]:
+    """Who runs the experiment, trials whose driver is gone, damaged files skipped."""
+    notes = []
+    owner = st.holder(name)
+    if owner:
+        notes.append(f"run by `{owner.get('command')}` (pid {owner.get('pid')} on "
+                     f"{owner.get('host')}, since {owner.get('started_at')})")
+    elif running and owner is None:
+        notes.append(f"{running} trials marked running, but nothing runs '{name}': their "
+                     f"driver is gone; --resume finishes them (`check` lists them)")
+    damaged = [p for p in st.damaged if p.startswith(st.path(name) + "/")]
+    if damaged:
+        notes.append(f"{len(damaged)} damaged files skipped (`check --repair` moves them "
+                     f"aside, then --resume runs their epochs again)")
+    return notes
 
 
 def _planned(st: Store, experiment: str) -> int:
@@ -315,19 +392,71 @@ def _planned(st: Store, experiment: str) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    st = Store(args.store)
+    st.require(args.experiment)  # a reader: it creates only its report folder
     from .report import write_report
 
-    out = write_report(Store(args.store), args.experiment, args.out)
+    out = write_report(st, args.experiment, args.out)
     print(f"report written to {out}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    st = Store(args.store)
+    st.require(args.experiment)
     from .report import export_reference
 
-    written = export_reference(Store(args.store), args.experiment, Path(args.out))
+    written = export_reference(st, args.experiment, Path(args.out))
     print(f"wrote {len(written)} files under {args.out}")
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    st = Store(args.store)
+    st.require(args.experiment)
+    problems = 0
+    for name in [args.experiment] if args.experiment else st.experiments():
+        health, moved = st.health(name), []
+        if args.repair and health.owner is not None:
+            print(f"{name}: not repaired while it runs")
+        elif args.repair:
+            health, moved = st.repair(name)
+            for path in moved:
+                print(f"{name}: moved aside {path}")
+        problems += not health.ok
+        print(_describe(health))
+        if args.repair and (health.lost or moved):
+            print(f"  to run the lost epochs again: {_resume_for(args.prog, st, name)}")
+    return 1 if problems and not args.repair else 0
+
+
+def _describe(health) -> str:
+    """check's report on one experiment."""
+    name = health.experiment
+    lines = [f"experiment {name}: " + ("ok" if health.ok else "needs attention")]
+    if health.owner is not None:
+        lines.append(f"  running now: `{health.owner.get('command', 'trial')}` (pid "
+                     f"{health.owner.get('pid', '?')} on {health.owner.get('host', '?')})")
+    lines += [f"  damaged: {path}: {why}" for path, why in health.damaged.items()]
+    lines += [f"  leftover of a killed write: {path}" for path in health.leftovers]
+    for trial_id, lost in health.lost.items():
+        shown = ", ".join(f"{stage} {epoch}" for stage, epoch in lost[:8])
+        more = f" and {len(lost) - 8} more" if len(lost) > 8 else ""
+        lines.append(f"  trial {trial_id} lacks epochs it ran: {shown}{more}")
+    lines += [f"  trial {t} is marked running but its driver is gone" for t in health.running]
+    lines += [f"  trial {t} has epochs but no readable row" for t in health.rowless]
+    if not health.ok:
+        lines.append("  `check --repair` moves damaged files aside and settles the rest; "
+                     "--resume then runs exactly what was lost")
+    return "\n".join(lines)
+
+
+def _resume_for(prog: str, st: Store, name: str) -> str:
+    where = f"--store {shlex.quote(st.uri)} --experiment {name} --resume"
+    if st.read_grid(name) is not None:
+        return f"{prog} grid {where}"
+    return (f"{prog} optuna --space SPACE {where} (the --space and --set it ran with), or for "
+            f"single trials: {prog} trial {where} TRIAL_ID")
 
 
 def _print_dry_run(space, trials: list[TrialConfig]) -> None:
@@ -347,19 +476,68 @@ def _print_dry_run(space, trials: list[TrialConfig]) -> None:
 
 
 COMMANDS = {"grid": cmd_grid, "optuna": cmd_optuna, "trial": cmd_trial, "status": cmd_status,
-            "report": cmd_report, "export": cmd_export}
+            "report": cmd_report, "export": cmd_export, "check": cmd_check}
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m tvlars_ray.run") -> int:
     args = build_parser(prog).parse_args(argv)
+    args.prog, args.resume_hint = prog, None
+    with warnings.catch_warnings(), _sigterm_as_sigint():
+        warnings.filterwarnings("always", category=DamagedFileWarning)
+        warnings.showwarning = _show_warning
+        try:
+            if args.experiment is not None:
+                check_name(args.experiment)
+            return COMMANDS[args.command](args)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except StoreWriteError as exc:  # a full disk, a store gone read-only
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            _stop_ray()
+            hint = f": finish it with\n  {args.resume_hint}" if args.resume_hint else ""
+            print(f"interrupted; every trial is recorded{hint}", file=sys.stderr)
+            return 130
+
+
+@contextlib.contextmanager
+def _sigterm_as_sigint() -> Iterator[None]:
+    """SIGTERM (``kill``, a scheduler ending a job) is handled as Ctrl-C: a graceful stop.
+    It goes to whatever handles SIGINT at the time (Tune's, Ray Train's or Python's)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only
+        return
+    previous = signal.signal(signal.SIGTERM, _forward_to_sigint)
     try:
-        return COMMANDS[args.command](args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finish it later with --resume", file=sys.stderr)
-        return 130
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _forward_to_sigint(signum: int, frame: Any) -> None:
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
+
+
+def _stop_ray() -> None:
+    """After an interrupt: a local Ray started here goes (a joined cluster stays up)."""
+    if "ray" in sys.modules:
+        import ray  # already imported by the run that was interrupted
+
+        ray.shutdown()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Store warnings as one line each, like errors; others as Python shows them."""
+    if issubclass(category, DamagedFileWarning):
+        print(f"warning: {message}", file=file or sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def cli(prog: str = "tvlars") -> None:

@@ -224,7 +224,7 @@ def load_space(name_or_path: str, overrides: dict[str, Any] | None = None) -> Sp
     """Read, check and validate a space (every trial it implies is built once)."""
     path = resolve(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         at = f" at line {line + 1}" if line is not None else ""
@@ -234,6 +234,9 @@ def load_space(name_or_path: str, overrides: dict[str, Any] | None = None) -> Sp
 
 
 def parse_space(data: Any, name: str, path: Path | None = None) -> Space:
+    if data is None or data == {}:  # an empty file, or comments only
+        raise ConfigError(f"{name}: the space is empty: give 'grid' (or 'search' for Optuna) "
+                          f"and the settings under 'fixed'")
     if not isinstance(data, dict):
         raise ConfigError(f"{name}: a search space is a mapping with 'fixed', 'grid' or 'search'")
     for key in data:

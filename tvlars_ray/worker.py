@@ -138,13 +138,19 @@ class Tally:
 class Recorder:
     """Rank 0's link to the store and the live metrics; the other ranks record nothing.
 
+    A refill (``job["fill"]``: the (stage, epoch) pairs a trial lost from the store) re-runs
+    the trial from its start but writes only those epochs, and ends after the last of them:
+    the epochs still stored stay as they were.
+
     Every row also says when this attempt's process started, when Ray Train handed it the
     trial (``job["ready_at"]``) and when its first epoch began: where a trial's start-up
-    time goes, from the store alone (``bench/trial_overhead.py`` reads them)."""
+    time goes, from the store alone (``bench/trial_overhead.py`` reads them).
+    """
 
     def __init__(self, cfg: TrialConfig, job: dict[str, Any], worker: Worker) -> None:
         self.cfg, self.worker = cfg, worker
         self.experiment, self.trial_id = job.get("experiment"), job.get("trial_id")
+        self.fill = {(stage, int(epoch)) for stage, epoch in job.get("fill") or []}
         lead = worker.rank == 0
         self.store = Store(job["store"]) if job.get("store") and lead else None
         self.live = TrialMetrics(self.experiment, self.trial_id if lead else None, cfg.opt,
@@ -159,6 +165,12 @@ class Recorder:
         if self.attempt[moment] is None:
             self.attempt[moment] = _utc(time.time())
 
+    def filled(self, stage: str, epoch: int) -> bool:
+        """A refill has written every lost epoch before (stage, epoch): it may stop."""
+        order = {name: i for i, name in enumerate(("pretrain", "train", "linear"))}
+        return bool(self.fill) and all((order[s], e) < (order[stage], epoch)
+                                       for s, e in self.fill)
+
     def layer_history(self, stage: Stage, every: int | None) -> LayerHistory | None:
         """Rank 0 keeps the per-layer history of a LARS-family optimizer; nobody else does."""
         if self.store is None or not LayerHistory.applies(stage.optimizer):
@@ -167,8 +179,10 @@ class Recorder:
 
     def record(self, stage: str, epoch: int, metrics: dict[str, Any],
                history: LayerHistory | None = None) -> None:
+        layers = history.take() if history is not None else None  # taken every epoch
+        if self.fill and (stage, epoch) not in self.fill:
+            return
         if self.store is not None:
-            layers = history.take() if history is not None else None
             if layers:
                 self.store.write_layers(self.experiment, self.trial_id, stage, epoch, layers)
             row = {"stage": stage, "epoch": epoch, "world_size": self.worker.world,
@@ -361,6 +375,8 @@ def run_stage(stage: Stage, worker: Worker, cfg: TrialConfig, recorder: Recorder
     history = recorder.layer_history(stage, cfg.layer_every)
     diverged = False
     for epoch in range(start, stage.epochs):
+        if recorder.filled(stage.name, epoch):
+            break  # a refill ends after the last epoch it lost
         began = time.perf_counter()
         torch.manual_seed(epoch_seed(cfg.seed, stage.seed_offset + epoch, worker.rank))
         stage.loader.set_epoch(epoch)
