@@ -6,6 +6,7 @@ knows Ray Train, not Tune: a Tune trial passes Tune's report callback in.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pandas as pd
@@ -35,16 +36,18 @@ def final_status(cfg: TrialConfig, epochs: pd.DataFrame) -> str:
 
 
 def fit_trial(cfg: TrialConfig, store: str, experiment: str, trial_id: str,
-              callbacks: list[Any] | None = None, record_failure: bool = True) -> str:
+              callbacks: list[Any] | None = None, record_failure: bool = True,
+              provenance: dict[str, Any] | None = None) -> str:
     """Fit one TorchTrainer for ``cfg`` and keep the trial's store row current.
 
     The Train run is named after the trial, so fitting the same trial again (a resumed grid)
     continues from its latest checkpoint. Returns the final status; a failed run re-raises,
     after recording ``failed`` unless the caller settles failures itself (under Tune, a run
     that Tune stops early also ends in an exception, and Tune knows which it was).
+    ``provenance``: the trial-table columns of the command running it.
     """
     st = Store(store)
-    st.write_trial(experiment, trial_id, cfg, "running", here=True)
+    st.write_trial(experiment, trial_id, cfg, "running", here=True, provenance=provenance)
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "store": st.uri_of(), "experiment": experiment,
@@ -71,13 +74,13 @@ def fit_trial(cfg: TrialConfig, store: str, experiment: str, trial_id: str,
 
 
 def run_single(cfg: TrialConfig, store: str, experiment: str, trial_id: str,
-               address: str | None = None) -> str:
+               address: str | None = None, provenance: dict[str, Any] | None = None) -> str:
     """The ``trial`` command: on Ray workers, or in this process when ``num_workers == 0``."""
     if cfg.num_workers > 0:
         connect(address)
         plan([cfg], cluster_nodes())  # a trial that cannot fit is an error, not a hang
     try:
-        return fit_trial(cfg, store, experiment, trial_id)
+        return fit_trial(cfg, store, experiment, trial_id, provenance=provenance)
     except Exception as exc:  # the store row says failed; say why on one line too
-        print(f"trial {trial_id} failed: {one_line(exc)}")
+        print(f"trial {trial_id} failed: {one_line(exc)}", file=sys.stderr)
         return "failed"
