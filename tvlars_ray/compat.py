@@ -8,11 +8,16 @@ place, not deep inside a trial. (torch's ``_foreach_*`` multi-tensor kernels, wh
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from ray._private import worker as _ray_worker
 from ray._private.state import state as _ray_state
 from ray.train.v2._internal.execution import context as _train_context
 from ray.train.v2._internal.execution import train_fn_utils as _train_fn_utils
@@ -42,3 +47,53 @@ def all_reduce_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over the DDP ranks, with a backward pass (the gradient is summed too): the
     functional collectives are the only differentiable all-reduce in torch."""
     return _fcol.all_reduce(tensor, "sum", dist.group.WORLD)
+
+
+@contextlib.contextmanager
+def ray_messages_to(logger: logging.Logger) -> Iterator[None]:
+    """The errors and warnings Ray's raylets publish to a driver (a worker died, 'N worker
+    processes have been started', ...) are printed to its stdout whatever ``log_to_driver``
+    says, by ``print_to_stdstream`` (looked up when each arrives); while this lasts they go
+    to ``logger`` instead."""
+    original = _ray_worker.print_to_stdstream
+
+    def to_logger(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        for line in data.get("lines", []):
+            logger.warning("(%s) %s", data.get("pid"), line)
+
+    _ray_worker.print_to_stdstream = to_logger
+    try:
+        yield
+    finally:
+        _ray_worker.print_to_stdstream = original
+
+
+def session_logs_dir() -> str | None:
+    """This node's folder of Ray's session logs (every worker's and actor's output), or None
+    before Ray is up."""
+    node = getattr(_ray_worker, "_global_node", None)
+    return node.get_logs_dir_path() if node is not None else None
+
+
+@dataclass(eq=False)  # compared and hashed by identity, as Tune's Trial is
+class LoggerTrial:
+    """What Ray Tune's logger callbacks (TensorBoardX, MLflow, W&B in Ray 2.60) read of a
+    Tune ``Trial``: enough to feed them a trial that runs without Tune (the ``trial``
+    command). Hyperparameters are its whole config, as a grid's are."""
+
+    trial_id: str
+    trial_name: str
+    config: dict[str, Any]
+    local_path: str
+    experiment_dir_name: str
+    checkpoint: Any = None
+    evaluated_params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.evaluated_params = self.evaluated_params or dict(self.config)
+
+    def init_local_path(self) -> None:
+        os.makedirs(self.local_path, exist_ok=True)
+
+    def __str__(self) -> str:
+        return self.trial_name
