@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 CIFAR_ZIP = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.zip"
 
-from tvlars_ray.classification import EpochLoader  # noqa: E402
 from tvlars_ray.config import TrialConfig  # noqa: E402
 from tvlars_ray.data import (  # noqa: E402
     BatchAugment,
     DeviceLoader,
+    EpochLoader,
     Transformed,
     dataset_stats,
     in_memory_dataset,
@@ -143,7 +143,7 @@ def plain_trial(cfg: TrialConfig, rank: int = 0, world: int = 1) -> list[dict]:
     images/s and the wall time of train + evaluation."""
     import torch.distributed as dist
 
-    from tvlars_ray.classification import build_loaders
+    from tvlars_ray.data import build_loaders
     from tvlars_ray.models import build_model
     from tvlars_ray.optim import build_optimizer
     from tvlars_ray.schedules import build_schedule
@@ -151,7 +151,7 @@ def plain_trial(cfg: TrialConfig, rank: int = 0, world: int = 1) -> list[dict]:
 
     torch.manual_seed(cfg.seed)
     worker = Worker(rank, world, torch.device("cpu"), False, False)
-    train, test, classes = build_loaders(cfg, worker)
+    train, test, classes = build_loaders(cfg, worker.rank, worker.world, worker.device)
     model = build_model(cfg.model, classes, cfg.stem)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)

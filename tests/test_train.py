@@ -102,8 +102,7 @@ def test_device_loader_and_dataloader_train_alike():
     """The device-resident path and the classic DataLoader path: same accuracy (within noise)."""
     import torch
 
-    from tvlars_ray.classification import build_loaders
-    from tvlars_ray.data import dataset_stats, load_dataset
+    from tvlars_ray.data import build_loaders, dataset_stats, load_dataset
     from tvlars_ray.models import build_model
     from tvlars_ray.optim import build_optimizer
     from tvlars_ray.schedules import build_schedule
@@ -115,7 +114,7 @@ def test_device_loader_and_dataloader_train_alike():
                    epochs=6, bs=64, num_workers=1)
         torch.manual_seed(0)
         worker = Worker(0, 1, torch.device("cpu"), False, False)
-        train, test, classes = build_loaders(cfg, worker)
+        train, test, classes = build_loaders(cfg, worker.rank, worker.world, worker.device)
         model = build_model(cfg.model, classes, cfg.stem)
         optimizer = build_optimizer(cfg.opt, model, cfg)
         schedule = build_schedule(optimizer, "cosine", cfg.epochs, len(train), cfg.bs, 0)

@@ -131,7 +131,7 @@ class TrialConfig:
 
 HELP = {
     "mode": "clf (classification) or bt (Barlow Twins pre-training, then linear evaluation)",
-    "ds": "dataset: synthetic, cifar10, cifar100, tinyimagenet or imagefolder",
+    "ds": "dataset: synthetic, cifar10, cifar100, tinyimagenet, imagenet or imagefolder",
     "model": "network: cnn (small, for demos), resnet18, resnet34, resnet50, effb0",
     "stem": "imagenet (torchvision's 7x7/2 stem and max-pool, as the reference) or cifar "
             "(3x3/1, no max-pool)",
@@ -156,7 +156,8 @@ HELP = {
     "test_subset": "use a stratified, seeded subset of this many test images",
     "norm": "normalisation statistics: dataset (its own) or imagenet (as the reference)",
     "loader": "device (images on the worker's device, batched augmentation) or torch "
-              "(DataLoader, per-sample transforms; for data that does not fit in memory)",
+              "(DataLoader, per-sample transforms; for data that does not fit in memory or "
+              "whose images differ in size)",
     "loader_workers": "DataLoader processes per DDP worker with loader torch (the reference "
                       "--workers)",
     "cl_epochs": "Barlow Twins pre-training epochs (0: linear evaluation of a random backbone)",

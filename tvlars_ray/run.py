@@ -31,7 +31,7 @@ from .config import (
     varying_keys,
 )
 from .console import fmt, pct, quiet, render_table
-from .data import ensure_available
+from .data import check_trials, cost_estimate
 from .errors import UserError
 from .provenance import collect, trial_columns
 from .spaces import load_space, parse_overrides
@@ -173,9 +173,9 @@ def _load(args: argparse.Namespace, cluster_gpus: float = 0.0):
 
 
 def check_data(trials: list[TrialConfig]) -> None:
-    """Every dataset the trials need is there (or downloadable) before Ray starts."""
-    for ds, data_dir in sorted({(c.ds, c.data_dir) for c in trials}, key=str):
-        ensure_available(ds, data_dir)
+    """Every dataset the trials need is there and readable the way they read it, before Ray
+    starts."""
+    check_trials(trials)
 
 
 def _sweep(args: argparse.Namespace, space) -> Any:
@@ -430,6 +430,7 @@ def _print_dry_run(space, trials: list[TrialConfig]) -> None:
         print(render_table(keys, [[fmt(row[k]) for k in keys] for row in table]))
     epochs = sum(c.epochs + (c.cl_epochs if c.mode == "bt" else 0) for c in trials)
     print(f"total: {epochs} trial-epochs")
+    print(cost_estimate(trials))
     print(plan(trials, None).describe().replace("; 1 trial(s) at a time", ""))
 
 
