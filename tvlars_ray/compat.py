@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 from ray._private import worker as _ray_worker
 from ray._private.state import state as _ray_state
+from ray.train._internal.session import get_session as _tune_session
 from ray.train.v2._internal.execution import context as _train_context
 from ray.train.v2._internal.execution import train_fn_utils as _train_fn_utils
 from torch.distributed import _functional_collectives as _fcol
@@ -97,3 +99,18 @@ class LoggerTrial:
 
     def __str__(self) -> str:
         return self.trial_name
+
+
+def wait_until_tune_took_the_reports(poll_s: float = 0.1) -> None:
+    """Return once the Tune trial running this function has taken every report Ray Train
+    queued for it (the queue behind Tune's ``TuneReportCallback``).
+
+    Ray 2.60's function trainable deadlocks when its function returns while such a report
+    still waits: the function's end marker fills the trial's one-slot result queue, and the
+    trial's main thread, moving the waiting report there, blocks for ever. Tune takes one
+    report per ``train()`` call, so a controller slowed by its callbacks (trackers, a busy
+    machine) leaves the last epoch's report waiting past the end of the fit."""
+    session = _tune_session()
+    queue = getattr(session, "_inter_actor_queue", None)
+    while queue is not None and not queue.empty():
+        time.sleep(poll_s)

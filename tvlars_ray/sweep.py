@@ -29,6 +29,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from .cluster import Plan, check_shared_store, cluster_nodes, connect, plan
+from .compat import wait_until_tune_took_the_reports
 from .config import FIELD_NAMES, ConfigError, TrialConfig, field_type, varying_keys
 from .console import pct, render_table
 from .errors import UserError
@@ -152,6 +153,7 @@ def train_driver_fn(config: dict[str, Any], store: str, experiment: str,
     fit_trial(settings_from_tune(config), store, experiment,
               tune.get_context().get_trial_id(), callbacks=[TuneReportCallback()],
               record_failure=False, provenance=provenance)
+    wait_until_tune_took_the_reports()  # else Ray 2.60 may hang: see there
 
 
 class ProgressTable(tune.Callback):
