@@ -151,7 +151,7 @@ def plain_trial(cfg: TrialConfig, rank: int = 0, world: int = 1) -> list[dict]:
 
     torch.manual_seed(cfg.seed)
     worker = Worker(rank, world, torch.device("cpu"), False, False)
-    train, test, classes = build_loaders(cfg, worker.rank, worker.world, worker.device)
+    train, test, _, classes = build_loaders(cfg, worker.rank, worker.world, worker.device)
     model = build_model(cfg.model, classes, cfg.stem)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)

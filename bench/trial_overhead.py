@@ -15,9 +15,12 @@ first step took; the trial rows say when the trial's driver started and ended. F
 - grid efficiency: epoch time / (wall time x trials at a time).
 
 Target: per-trial overhead <= 8 s on 2 cores (goal 5 s). The figures depend on the machine's
-load: run it on a quiet machine, and read ``--repeat`` rounds.
+load: run it on a quiet machine, and read ``--repeat`` rounds. ``--baseline DIR`` (a checkout
+of an older commit, e.g. ``git worktree add /tmp/before <commit>``) runs the same grid with
+that code in alternate rounds, so before and after are measured side by side under the same
+load, and prints their ratio.
 
-    python bench/trial_overhead.py [--trials 6] [--repeat 1] [--workers 2]
+    python bench/trial_overhead.py [--trials 6] [--repeat 1] [--workers 2] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -59,13 +62,13 @@ def space(trials: int, workers: int) -> dict:
     }
 
 
-def run_grid(folder: Path, trials: int, workers: int) -> float:
+def run_grid(folder: Path, trials: int, workers: int, code: Path = ROOT) -> float:
     path = folder / "overhead.yaml"
     path.write_text(yaml.safe_dump(space(trials, workers)))
     cmd = [sys.executable, "-m", "tvlars_ray.run", "grid", "--space", str(path), "--store",
            str(folder / "store"), "--no-report", "--quiet"]
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
-           "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": str(code)}
     began = time.perf_counter()
     done = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - began
@@ -124,40 +127,62 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--repeat", type=int, default=1, help="rounds (each a new grid)")
     parser.add_argument("--workers", type=int, default=2, help="DDP workers per trial")
+    parser.add_argument("--baseline", type=Path, help="a checkout of older code to compare")
     args = parser.parse_args()
     print(f"settings: {args.trials} trials x 1 epoch, cnn on 256 synthetic images, batch 32, "
           f"{args.workers} DDP workers (gloo) sharing {os.cpu_count()} CPUs, a local Ray started "
-          f"by `grid`; {args.repeat} round(s)", flush=True)
-    rounds = []
+          f"by `grid`; {args.repeat} round(s)"
+          + (f", each also with the code in {args.baseline}" if args.baseline else ""),
+          flush=True)
+    codes = {"this code": ROOT} | ({"baseline": args.baseline.resolve()} if args.baseline else {})
+    results = {name: [] for name in codes}
     for r in range(args.repeat):
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            wall = run_grid(folder, args.trials, args.workers)
-            table = parts(folder / "store")
-            slots = at_once(folder / "store")
-        epoch_total = table["epoch time"].sum()
-        amortised = (wall - epoch_total) / len(table)
-        efficiency = epoch_total / (wall * slots)
-        rounds.append((table, wall, amortised, efficiency))
-        print(f"\nround {r + 1}: grid wall time {wall:.1f} s for {len(table)} trials "
-              f"({slots} at a time), epochs {epoch_total:.1f} s", flush=True)
-        print(table.round(2).T.to_string())
-    tables = pd.concat([t for t, *_ in rounds])
-    per_trial = tables["per-trial overhead"]
-    print("\nparts of a trial, median over all trials (s):")
-    for name in tables.columns:
-        print(f"  {name:52s} {tables[name].median():7.2f}")
-    amortised = statistics.median(a for _, _, a, _ in rounds)
-    efficiency = statistics.median(e for *_, e in rounds)
-    print(f"\nper-trial overhead: median {per_trial.median():.2f} s, max {per_trial.max():.2f} s "
-          f"(target <= {TARGET_S:g} s, goal {GOAL_S:g} s)")
-    print(f"amortised overhead per trial (grid wall - epochs) / trials: {amortised:.2f} s")
-    print(f"grid efficiency: {100 * efficiency:.1f}% of wall time x slots spent in epochs")
+        for name, code in codes.items():
+            results[name].append(one_round(args, code, f"round {r + 1}, {name}"))
+    summaries = {name: summarise(rounds, name) for name, rounds in results.items()}
+    per_trial, amortised, efficiency = summaries["this code"]
     emit("trial_overhead.per_trial_median", per_trial.median(), "s", at_most=TARGET_S)
     emit("trial_overhead.per_trial_max", per_trial.max(), "s")
     emit("trial_overhead.amortised_per_trial", amortised, "s")
     emit("trial_overhead.grid_efficiency", 100 * efficiency, "%")
+    if args.baseline:
+        before = summaries["baseline"][0].median()
+        print(f"\nper-trial overhead, median: {before:.2f} s with the baseline, "
+              f"{per_trial.median():.2f} s now")
+        emit("trial_overhead.vs_baseline", per_trial.median() / before, "x")
 
+
+def one_round(args: argparse.Namespace, code: Path, title: str
+              ) -> tuple[pd.DataFrame, float, float, float]:
+    """One grid: its parts per trial, wall time, amortised overhead, efficiency."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        wall = run_grid(folder, args.trials, args.workers, code)
+        table = parts(folder / "store")
+        slots = at_once(folder / "store")
+    epoch_total = table["epoch time"].sum()
+    amortised = (wall - epoch_total) / len(table)
+    efficiency = epoch_total / (wall * slots)
+    print(f"\n{title}: grid wall time {wall:.1f} s for {len(table)} trials "
+          f"({slots} at a time), epochs {epoch_total:.1f} s", flush=True)
+    print(table.round(2).T.to_string())
+    return table, wall, amortised, efficiency
+
+
+def summarise(rounds: list, name: str) -> tuple[pd.Series, float, float]:
+    """Print the medians over every trial of every round; return the per-trial overheads."""
+    tables = pd.concat([t for t, *_ in rounds])
+    per_trial = tables["per-trial overhead"]
+    print(f"\n{name}: parts of a trial, median over all trials (s):")
+    for column in tables.columns:
+        print(f"  {column:52s} {tables[column].median():7.2f}")
+    amortised = statistics.median(a for _, _, a, _ in rounds)
+    efficiency = statistics.median(e for *_, e in rounds)
+    print(f"{name}: per-trial overhead: median {per_trial.median():.2f} s, max "
+          f"{per_trial.max():.2f} s (target <= {TARGET_S:g} s, goal {GOAL_S:g} s)")
+    print(f"{name}: amortised overhead per trial (grid wall - epochs) / trials: {amortised:.2f} s")
+    print(f"{name}: grid efficiency: {100 * efficiency:.1f}% of wall time x slots in epochs")
+    return per_trial, amortised, efficiency
 
 if __name__ == "__main__":
     main()

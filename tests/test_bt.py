@@ -7,8 +7,10 @@ import time
 
 import pandas as pd
 import pytest
+import ray
 import torch
 import torch.multiprocessing as mp
+from ray.util.state import list_actors
 
 from tvlars_ray.bt import (
     BarlowTwins,
@@ -125,7 +127,7 @@ TINY_BT = dict(mode="bt", ds="synthetic", model="cnn", stem="cifar", opt="lars",
 
 
 def test_bt_trial_runs_both_stages_through_ray(ray_session, tmp_path):
-    cfg = TrialConfig.from_dict(TINY_BT)
+    cfg = TrialConfig.from_dict({**TINY_BT, "val_subset": 64})
     assert fit_trial(cfg, str(tmp_path), "bt", "two") == "completed"
     epochs = Store(str(tmp_path)).read_epochs("bt")
     assert list(zip(epochs["stage"], epochs["epoch"])) == [
@@ -135,13 +137,18 @@ def test_bt_trial_runs_both_stages_through_ray(ray_session, tmp_path):
     assert pre["trust_ratio_mean"].notna().all()
     assert lin["test_acc"].notna().all() and lin["test_acc5"].notna().all()
     assert (lin["test_samples"] == 256).all()
+    # the hold-out: never pre-trained or trained on, validated in the linear stage
+    assert (pre["train_samples"] == 512).all() and pre["val_acc"].isna().all()
+    assert (lin["val_samples"] == 64).all() and lin["val_acc"].notna().all()
+    # the pre-training optimizer's per-layer history, for each epoch's last step
+    layers = Store(str(tmp_path)).read_layers("bt")
+    assert set(layers["stage"]) == {"pretrain"} and layers["epoch"].nunique() == 2
     row = Store(str(tmp_path)).read_trials("bt").iloc[0]
     assert row["status"] == "completed" and row["epochs_done"] == 4
+    assert row["final_val_acc"] == lin["val_acc"].iloc[-1]
 
 
 def test_bt_trial_killed_in_stage_two_resumes_in_stage_two(ray_session, tmp_path):
-    from ray.util.state import list_actors
-
     cfg = TrialConfig.from_dict({**TINY_BT, "epochs": 6, "train_subset": 1024})
     st = Store(str(tmp_path))
     outcome = {}
@@ -155,7 +162,9 @@ def test_bt_trial_killed_in_stage_two_resumes_in_stage_two(ray_session, tmp_path
             break
         time.sleep(0.2)
     killed_at = pd.Timestamp.now(tz="UTC")
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    actors = list_actors(address=ray.get_runtime_context().gcs_address,  # of this Ray
+                         filters=[("class_name", "=", "RayTrainWorker"),
+                                  ("state", "=", "ALIVE")])
     os.kill(actors[0]["pid"], signal.SIGKILL)
     runner.join(timeout=300)
     assert outcome.get("status") == "completed"

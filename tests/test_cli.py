@@ -154,3 +154,15 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+def test_seeds_flag_overrides_the_space(capsys, tmp_path):
+    assert main(["grid", "--space", "quickstart", "--seeds", "3", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "18 trials" in out and "seed" in out.splitlines()[2]
+    space = tmp_path / "s.yaml"
+    space.write_text("fixed: {ds: synthetic}\ngrid: {lr: [0.1, 0.2]}\nseeds: 4\n")
+    assert main(["grid", "--space", str(space), "--dry-run"]) == 0
+    assert "8 trials" in capsys.readouterr().out
+    assert main(["grid", "--space", str(space), "--seeds", "2", "--dry-run"]) == 0
+    assert "4 trials" in capsys.readouterr().out
+    assert main(["grid", "--space", str(space), "--seeds", "0", "--dry-run"]) == 2
+    assert capsys.readouterr().err == "error: --seeds must be a positive count, got 0\n"

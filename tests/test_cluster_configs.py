@@ -1,8 +1,11 @@
 """cluster/: the `ray up` files pass Ray's own checks, the KubeRay files carry what KubeRay and
-Ray's KubeRay autoscaler need, and every documented command is one the tools accept.
+Ray's KubeRay autoscaler need, the cloud and KubeRay nodes all run the one project image that
+cluster/Dockerfile builds, and every documented command is one the tools accept.
 
 Nothing here calls a cloud API or starts Ray: each check runs the Ray code that `ray up`,
 `ray start` or the KubeRay autoscaler runs on the file, stopping before the first cloud call.
+No Docker engine either: the Dockerfile is read as text, and its one shell snippet that
+computes something (the dependency list) is run here.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ import importlib.util
 import json
 import re
 import shlex
+import subprocess
+import sys
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -27,6 +33,12 @@ RAY_UP = {
 CLOUD = ["aws", "gcp"]
 RAYCLUSTER = CLUSTER / "kuberay" / "raycluster.yaml"
 RAYJOB = CLUSTER / "kuberay" / "rayjob.yaml"
+DOCKERFILE = CLUSTER / "Dockerfile"
+DOCKERIGNORE = CLUSTER / "Dockerfile.dockerignore"
+BUILD = re.compile(r"docker build -f (\S+) -t (\S+) ([^\s`'\",;)]+)")
+PUSH = re.compile(r"docker push ([^\s`'\",;)]+)")
+# pip, uv or conda installing anything: what a node must not do at boot.
+INSTALL = re.compile(r"\b(?:pip3?|uv pip|conda|mamba) install\b")
 GPU_SIZES = {1, 4, 8}  # the GPU node shapes the configs offer
 DRIVER = "TUNE_DRIVER"
 DRIVER_MIN = 100  # 10,000 trial drivers at 0.01 each: never the limit
@@ -42,14 +54,45 @@ def ray_pin() -> str:
     return found.group(1)
 
 
-def pyproject_dependencies() -> set[str]:
-    """The distribution names in pyproject.toml's [project] dependencies."""
+def pyproject(key: str) -> str:
+    """A one-line string setting of pyproject.toml's [project] (tomllib is Python 3.11+)."""
+    found = re.search(rf'^{key} = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert found, f"no {key} in pyproject.toml"
+    return found.group(1)
+
+
+def pyproject_dependencies() -> list[str]:
+    """pyproject.toml's [project] dependencies, as written."""
     block = re.search(r"^dependencies = \[(.*?)^\]", (ROOT / "pyproject.toml").read_text(),
                       re.S | re.M)
     assert block, "no dependencies list in pyproject.toml"
-    names = set(re.findall(r'"([A-Za-z0-9_.-]+)', block.group(1)))
-    assert "ray" in names and "torch" in names, names  # the parse found the real list
-    return names
+    requirements = re.findall(r'"([^"]+)"', block.group(1))
+    assert any(r.startswith("ray[") for r in requirements) and "torch" in requirements
+    return requirements
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(instruction, arguments) of each Dockerfile line, continuations joined, comments out."""
+    out, buf = [], ""
+    for line in DOCKERFILE.read_text().splitlines():
+        if not buf and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.rstrip().endswith("\\"):
+            buf += line.rstrip()[:-1] + " "
+            continue
+        word, _, rest = (buf + line).strip().partition(" ")
+        out.append((word.upper(), rest.strip()))
+        buf = ""
+    return out
+
+
+def project_image() -> str:
+    """The image the Dockerfile's own build command tags: the one every config must run."""
+    builds = BUILD.findall(DOCKERFILE.read_text())
+    assert len(builds) == 1, f"want one documented build command in the Dockerfile: {builds}"
+    (dockerfile_path, image, context), = builds
+    assert (dockerfile_path, context) == ("cluster/Dockerfile", "."), builds
+    return image
 
 
 def bootstrap(raw: dict) -> dict:
@@ -166,18 +209,159 @@ def test_gcp_gpu_workers_are_gpu_vms_that_can_write_gcs():
             f"{kind}: no storage scope, the workers cannot write the gs:// store"
 
 
-@pytest.mark.parametrize("name", RAY_UP)
-def test_nodes_install_this_checkout_and_the_pinned_ray(name):
+def test_onprem_installs_this_checkout_and_the_pinned_ray():
+    """Machines you have may lack Docker: on-prem copies the checkout and installs it."""
     import ray
 
     pin = ray_pin()
     assert ray.__version__ == pin, "the venv's Ray is not pyproject.toml's"
-    config = bootstrap(load(RAY_UP[name]))  # merges setup_commands into head/worker lists
+    config = bootstrap(load(RAY_UP["onprem"]))  # merges setup_commands into head/worker lists
     assert config["file_mounts"].get("~/tvlars-ray") == ".", "the checkout is not mounted"
     for role in ("head_setup_commands", "worker_setup_commands"):
         commands = config[role]
         assert any(f'"ray[default,tune,train]=={pin}"' in c for c in commands), role
         assert any(re.search(r"pip install .*-e ~/tvlars-ray\b", c) for c in commands), role
+
+
+@pytest.mark.parametrize("name", CLOUD)
+def test_cloud_nodes_run_the_project_image_with_gpus_on_the_workers(name):
+    config = bootstrap(load(RAY_UP[name]))
+    docker = config["docker"]
+    assert docker["image"] == project_image()
+    assert not {"head_image", "worker_image"} & set(docker), "one image for every node"
+    assert docker.get("container_name")
+    assert "--gpus all" in docker.get("worker_run_options", [])
+    # The head has no GPU: docker cannot start a container with --gpus there.
+    assert not any("--gpus" in o for o in docker.get("run_options", []) +
+                   docker.get("head_run_options", []))
+    assert "~/tvlars-ray" not in config["file_mounts"], "the image has the code"
+
+
+@pytest.mark.parametrize("name", CLOUD)
+def test_cloud_nodes_install_nothing_at_boot(name):
+    config = bootstrap(load(RAY_UP[name]))  # every node type's lists merged in
+    lists = {key: config[key] for key in config if key.endswith("_commands")}
+    for kind, spec in config["available_node_types"].items():
+        lists |= {f"{kind}.{key}": spec[key] for key in spec if key.endswith("_commands")}
+    assert "setup_commands" in lists and "head_start_ray_commands" in lists, lists.keys()
+    for where, commands in lists.items():
+        for command in commands:
+            assert not INSTALL.search(command), f"{name}: {where} installs at boot: {command}"
+            assert "tvlars-ray" not in command, f"{name}: {where} touches a checkout: {command}"
+
+
+def test_validation_sees_the_docker_block():
+    """Ray's schema checks the docker block too: a misspelt field there is refused."""
+    import jsonschema
+
+    raw = load(RAY_UP["aws"])
+    raw["docker"]["worker_run_option"] = raw["docker"].pop("worker_run_options")
+    with pytest.raises(jsonschema.ValidationError):
+        bootstrap(raw)
+
+
+# -- the image ------------------------------------------------------------------------------
+def test_dockerfile_builds_on_rays_own_gpu_image_at_the_pin():
+    froms = [args for word, args in dockerfile() if word == "FROM"]
+    assert len(froms) == 1, froms
+    found = re.fullmatch(r"rayproject/ray:(\S+?)-py3(\d+)-(gpu|cu\d+)", froms[0])
+    assert found, f"{froms[0]} is not one of Ray's GPU images, pinned by tag"
+    assert found.group(1) == ray_pin()
+    oldest = re.search(r">=\s*3\.(\d+)", pyproject("requires-python"))
+    assert int(found.group(2)) >= int(oldest.group(1)), "the image's Python is too old"
+
+
+def test_dockerfile_installs_the_project_and_its_dependencies():
+    steps = dockerfile()
+    copied = {}
+    for word, args in steps:
+        if word == "COPY":
+            *sources, dest = [a for a in shlex.split(args) if not a.startswith("--")]
+            copied |= {src: dest for src in sources}
+    for source in ("pyproject.toml", "tvlars_ray", "search_spaces"):
+        assert source in copied, f"the image lacks {source}"
+    runs = [args for word, args in steps if word == "RUN"]
+    project = str(Path(copied["tvlars_ray"]).parent)
+    installs = [r for r in runs if re.search(rf"pip install .*{re.escape(project)}\b", r)]
+    assert installs, f"no RUN pip-installs the project copied to {project}"
+    assert not any(re.search(r"\s(-e|--editable)\s", r) for r in installs), \
+        "installed editable: the spaces would stay outside the package"
+    # The dependency layer: its list, computed by the Dockerfile's own snippet (tomllib: the
+    # image's Python is 3.11), is pyproject's.
+    pytest.importorskip("tomllib")
+    (snippet,) = [r for r in runs if "tomllib" in r]
+    words = shlex.split(snippet)
+    code = words[words.index("-c") + 1].replace(copied["pyproject.toml"].rstrip("/") +
+                                                "/pyproject.toml", "pyproject.toml")
+    listed = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.split()
+    assert listed == pyproject_dependencies()
+    assert "-r" in words, "the listed dependencies are not installed"
+
+
+def test_dockerignore_lets_in_what_the_dockerfile_copies_and_no_venv():
+    patterns = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+
+    def excluded(path: str) -> bool:
+        verdict = False  # the last matching pattern decides, for the path or a folder above it
+        parts = path.split("/")
+        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        for pattern in patterns:
+            negated = pattern.startswith("!")
+            if any(fnmatch(p, pattern.lstrip("!")) for p in prefixes):
+                verdict = not negated
+        return verdict
+
+    for word, args in dockerfile():
+        if word == "COPY":
+            for source in [a for a in shlex.split(args) if not a.startswith("--")][:-1]:
+                assert (ROOT / source).exists(), source
+                assert not excluded(source), f"{source} is copied but ignored"
+    for heavy in (".venv", "results", ".git", "tvlars_ray/__pycache__"):
+        assert excluded(heavy), f"{heavy} would go into the build context"
+
+
+def test_every_config_and_manifest_runs_the_same_image():
+    image = project_image()
+    # A valid reference with a tag, the tag being the package's version.
+    assert re.fullmatch(r"[a-z0-9.-]+(?::\d+)?(?:/[a-z0-9._-]+)+:[\w.-]+", image), image
+    assert image.rsplit(":", 1)[1] == pyproject("version")
+    images = {str(RAY_UP[n].name): load(RAY_UP[n])["docker"]["image"] for n in CLOUD}
+    for path in (RAYCLUSTER, RAYJOB):
+        doc = load(path)
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            for container in group["template"]["spec"]["containers"]:
+                images[f"{path.name}:{container['name']}"] = container["image"]
+    assert set(images.values()) == {image}, images
+
+
+def test_documented_image_builds_are_the_dockerfiles():
+    """Each `docker build` / `docker push` shown in the docs builds and pushes the one image
+    (or says IMAGE for yours), from the project root."""
+    image = project_image()
+    texts = {p: p.read_text() for p in [*CLUSTER.rglob("*.yaml"), *CLUSTER.rglob("*.md"),
+                                        DOCKERFILE, ROOT / "README.md"]}
+    builds = pushes = 0
+    for path, text in texts.items():
+        for _, line in logical_lines(text):
+            for dockerfile_path, tag, context in BUILD.findall(line):
+                builds += 1
+                assert (dockerfile_path, context) == ("cluster/Dockerfile", "."), f"{path}: {line}"
+                assert tag in (image, "IMAGE"), f"{path}: {line}"
+            for tag in PUSH.findall(line):
+                pushes += 1
+                assert tag in (image, "IMAGE"), f"{path}: {line}"
+    assert builds >= 4 and pushes >= 4, (builds, pushes)
+
+
+def test_documented_helper_path_is_where_the_image_puts_it():
+    (dest,) = [shlex.split(args)[-1] for word, args in dockerfile()
+               if word == "COPY" and "request_gpus.py" in args]
+    for path in [RAY_UP["aws"], RAY_UP["gcp"], RAYCLUSTER]:
+        for called in re.findall(r"python3? (\S*request_gpus\.py)", path.read_text()):
+            assert called.replace("~", "/home/ray") == dest, f"{path.name}: {called}"
 
 
 @pytest.mark.parametrize("name", RAY_UP)
@@ -228,12 +412,10 @@ def kuberay_ray_start(params: dict, head: bool) -> dict:
 
 
 def check_group(group: dict, head: bool) -> dict:
-    pin = ray_pin()
     start = kuberay_ray_start(group["rayStartParams"], head)
     containers = group["template"]["spec"]["containers"]
     assert containers and all(c.get("name") for c in containers)
-    image = containers[0]["image"]
-    assert f":{pin}" in image, f"{image} is not Ray {pin}"
+    assert containers[0]["image"] == project_image()
     if not head:
         for key in ("groupName", "replicas", "minReplicas", "maxReplicas"):
             assert key in group, key
@@ -255,10 +437,6 @@ def check_cluster_spec(spec: dict) -> None:
     assert spec["workerGroupSpecs"], "no worker group"
     for group in spec["workerGroupSpecs"]:
         check_group(group, head=False)
-    images = [g["template"]["spec"]["containers"][0]["image"]
-              for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]]
-    pythons = {re.search(r"-(py3\d+)", i).group(1) for i in images}
-    assert len(pythons) == 1, f"one Python for head and workers: {images}"
 
 
 def autoscaler_view(spec: dict, name: str) -> dict:
@@ -283,23 +461,19 @@ def test_raycluster_has_what_kuberay_needs():
 
 
 def test_rayjob_has_what_kuberay_needs():
-    from ray.runtime_env import RuntimeEnv
-
     job = load(RAYJOB)
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     assert job["metadata"]["name"]
     spec = job["spec"]
-    assert "tvlars_ray.run grid" in spec["entrypoint"]
+    assert TOOL.search(spec["entrypoint"]) and " grid " in spec["entrypoint"]
     assert spec.get("shutdownAfterJobFinishes") is True
     check_cluster_spec(spec["rayClusterSpec"])
     for group in spec["rayClusterSpec"]["workerGroupSpecs"]:
         # The sweep sizes itself from the GPUs present when it starts.
         assert group["replicas"] >= 1 and group["minReplicas"] == group["replicas"]
-    env = yaml.safe_load(spec["runtimeEnvYAML"])
-    RuntimeEnv(**env)  # Ray's own checks (URI kinds, pip list, ...)
-    assert "working_dir" in env, "search_spaces/ must come with the code"
-    assert not (missing := pyproject_dependencies() - {"ray"} - set(env.get("pip", []))), \
-        f"pyproject.toml dependencies missing from the job's pip list: {missing}"
+    # The image has the package and its spaces: the job installs and downloads nothing.
+    env = yaml.safe_load(spec.get("runtimeEnvYAML") or "{}")
+    assert not {"pip", "uv", "conda", "working_dir", "py_modules"} & set(env), env
 
 
 @pytest.mark.parametrize("path", [RAYCLUSTER, RAYJOB], ids=lambda p: p.name)
@@ -322,7 +496,9 @@ def test_kuberay_autoscaler_rejects_unquoted_resources():
 
 
 # -- documented commands --------------------------------------------------------------------
-TOOL = re.compile(r"python3? -m tvlars_ray\.run\b")
+# The tool, as `python -m tvlars_ray.run` or as its console command `tvlars`.
+TOOL = re.compile(r"python3? -m tvlars_ray\.run\b|(?<![\w/.-])tvlars"
+                  r"(?= (?:grid|optuna|trial|status|report|export)\b)")
 HELPER = re.compile(r"python3? \S*request_gpus\.py\b")
 CUT = re.compile(r"[\"'`;|)]|&&|\s#")  # where a shell command embedded in text ends
 

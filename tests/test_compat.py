@@ -57,3 +57,14 @@ def test_tune_sessions_still_queue_trains_reports_where_the_wait_looks():
     assert "self._inter_actor_queue" in Path(
         __import__("inspect").getsourcefile(_TrainSession)).read_text()
     compat.wait_until_tune_took_the_reports()  # outside Tune: returns at once
+def test_the_trainer_leaves_out_ray_data_only_without_datasets(tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    def kinds(**extra):
+        trainer = compat.TorchTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=1),
+                                      run_config=RunConfig(storage_path=str(tmp_path)), **extra)
+        return [type(c) for c in trainer._create_default_callbacks()]
+
+    assert DatasetsCallback not in kinds()
+    assert DatasetsCallback in kinds(datasets={"train": lambda: None})  # a dataset factory

@@ -24,7 +24,9 @@ from tvlars_ray.data import (
     check_trial,
     ensure_available,
     load_dataset,
+    load_splits,
     stratified_subset,
+    streamed_folders,
     synthetic_arrays,
     torch_transform,
 )
@@ -208,8 +210,8 @@ def _cfg(ds="imagefolder", data_dir=None, loader="device", **extra):
     from types import SimpleNamespace
 
     values = dict(ds=ds, data_dir=data_dir, loader=loader, mode="clf", seed=0, bs=4,
-                  train_subset=None, test_subset=None, norm="dataset", loader_workers=0,
-                  use_gpu=False, num_workers=2)
+                  train_subset=None, test_subset=None, val_subset=None, norm="dataset",
+                  loader_workers=0, use_gpu=False, num_workers=2)
     return SimpleNamespace(**{**values, **extra})
 
 
@@ -421,8 +423,8 @@ def test_tiny_imagenet_is_read_as_downloaded(form, tmp_path, cache):
     # streamed from disk: the same images and labels, each test image once over 2 ranks
     loaders = [build_loaders(_cfg("tinyimagenet", str(tmp_path), "torch", norm="imagenet"),
                              rank, 2, torch.device("cpu")) for rank in range(2)]
-    assert all(n == 3 for _, _, n in loaders)
-    labels = torch.cat([y for _, test_loader, _ in loaders for _, y in test_loader])
+    assert all(loaders_.num_classes == 3 for loaders_ in loaders)
+    labels = torch.cat([y for one in loaders for _, y in one.test])
     assert sorted(labels.tolist()) == sorted(test.labels.tolist())
 
 
@@ -580,9 +582,9 @@ def test_variable_size_folders_stream_at_224_each_test_image_once(ds, test, tmp_
     check_trial(_cfg(ds, str(root), "torch"))
     cfg = _cfg(ds, str(root), "torch", norm="imagenet", bs=4)
     ranks = [build_loaders(cfg, rank, 2, torch.device("cpu")) for rank in range(2)]
-    assert [n for _, _, n in ranks] == [3, 3]
+    assert [one.num_classes for one in ranks] == [3, 3]
     # training: RandomResizedCrop(224), each image once per epoch over the ranks, seeded order
-    train = [[(x, y) for x, y in loader] for loader, _, _ in ranks]
+    train = [[(x, y) for x, y in one.train] for one in ranks]
     assert all(x.shape[1:] == (3, 224, 224) for batches in train for x, _ in batches)
     labels = torch.cat([y for batches in train for _, y in batches])
     assert torch.bincount(labels).tolist() == [4, 4, 4]
@@ -593,8 +595,8 @@ def test_variable_size_folders_stream_at_224_each_test_image_once(ds, test, tmp_
     expected = [transform(Image.open(p).convert("RGB"))
                 for p in sorted((root / test).glob("*/*.JPEG"))]
     seen = [0] * len(expected)
-    for _, test_loader, _ in ranks:
-        for x, _ in test_loader:
+    for one in ranks:
+        for x, _ in one.test:
             for image in x:
                 seen[next(i for i, e in enumerate(expected) if torch.allclose(e, image))] += 1
     assert seen == [1] * 9
@@ -671,3 +673,64 @@ def test_imagenet_space_and_its_cost_estimate(capsys):
     # 2160 trial-epochs x 1,281,167 images / 2,500 images/s = 307.5 GPU-hours
     assert "2160 trial-epochs" in out and "cost estimate: ~307 GPU-hours" in out
     assert "an estimate, not a measurement" in out and "resnet50 at 224x224 ~2,500" in out
+
+
+def _keys(data):
+    """Each image's bytes: what identifies it whatever the order."""
+    return [bytes(image.numpy().tobytes()) for image in data.images]
+
+
+def test_validation_split_is_disjoint_stratified_and_identical_on_rerun(tmp_path, cache):
+    source = tmp_path / "set.zip"
+    _zip_folder(source, classes=("cat", "dog", "emu"), per_split=(20, 4))  # PNG: exact pixels
+    full, _ = load_dataset("imagefolder", str(source), seed=0)
+    splits = load_splits("imagefolder", str(source), seed=3, train_subset=30, val_subset=15)
+    train, val = set(_keys(splits.train)), set(_keys(splits.val))
+    assert len(train) == 30 and len(val) == 15 and not train & val
+    assert train | val <= set(_keys(full))  # both drawn from the training images
+    assert torch.bincount(splits.val.labels).tolist() == [5, 5, 5]
+    assert torch.bincount(splits.train.labels).tolist() == [10, 10, 10]
+    again = load_splits("imagefolder", str(source), seed=3, train_subset=30, val_subset=15)
+    for a, b in zip(splits, again):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    other = load_splits("imagefolder", str(source), seed=4, val_subset=15)
+    assert set(_keys(other.val)) != val and not set(_keys(other.train)) & set(_keys(other.val))
+    assert load_splits("imagefolder", str(source), seed=3).val is None
+    # synthetic data: generated with the hold-out on top, so train_subset stays what it says
+    synthetic = load_splits("synthetic", None, seed=0, train_subset=200, val_subset=50)
+    assert (len(synthetic.train), len(synthetic.val)) == (200, 50)
+    assert not set(_keys(synthetic.train)) & set(_keys(synthetic.val))
+
+
+@pytest.mark.parametrize("loader", ["device", "torch"])
+def test_loaders_validate_on_the_held_out_images_only(loader, tmp_path, cache):
+    source = tmp_path / "set.zip"
+    _zip_folder(source, classes=("cat", "dog", "emu"), per_split=(20, 4))
+    cfg = _cfg(data_dir=str(source), loader=loader, val_subset=10, seed=1, bs=4)
+    ranks = [build_loaders(cfg, rank, 2, torch.device("cpu")) for rank in range(2)]
+    expected = load_splits("imagefolder", str(source), seed=1, val_subset=10).val.labels
+    seen = torch.cat([y for one in ranks for _, y in one.val])
+    assert len(seen) == 10 and torch.bincount(seen).tolist() == torch.bincount(expected).tolist()
+    trained = sum(len(y) for one in ranks for _, y in one.train)
+    assert trained == 60 - 10  # (50 divides over the 2 ranks: no padding)
+
+
+def test_streamed_folders_hold_out_the_same_way(tmp_path, cache):
+    source = tmp_path / "set.zip"
+    _zip_folder(source, classes=("cat", "dog", "emu"), per_split=(20, 4))
+    (train, train_index), _, (same, val_index), classes, _, _ = streamed_folders(
+        "imagefolder", str(source), 3, 30, None, "imagenet", 15)
+    assert same is train and classes == 3 and len(val_index) == 15 and len(train_index) == 30
+    assert not set(train_index.tolist()) & set(val_index.tolist())
+    assert torch.bincount(train.labels[val_index]).tolist() == [5, 5, 5]
+    again = streamed_folders("imagefolder", str(source), 3, 30, None, "imagenet", 15)
+    assert torch.equal(again[0][1], train_index) and torch.equal(again[2][1], val_index)
+
+
+def test_a_hold_out_as_large_as_the_training_set_is_refused(tmp_path, cache):
+    source = tmp_path / "set.zip"
+    _zip_folder(source)  # 12 training images
+    for loader in ("device", "torch"):
+        with pytest.raises(DataError, match="val_subset 12 would hold out all 12 training"):
+            check_trial(_cfg(data_dir=str(source), loader=loader, val_subset=12))
+    check_trial(_cfg(data_dir=str(source), val_subset=11))

@@ -1,7 +1,8 @@
 import pandas as pd
+import pytest
 
 from tvlars_ray.config import TrialConfig
-from tvlars_ray.report import export_reference, paper_table, write_report
+from tvlars_ray.report import export_reference, paired_differences, paper_table, write_report
 from tvlars_ray.store import Store
 
 
@@ -40,24 +41,28 @@ def test_report_renders_tables_and_plots(tmp_path):
     store = Store(str(tmp_path / "store"))
     _fill(store)
     table = paper_table(store.read_trials("study"))
+    assert set(table["selection"]) == {"test"}  # no validation split in these trials
     tv = table[(table.method == "TVLARS") & (table.bs == 512)].iloc[0]
-    assert tv["lmbda"] == 1e-4 and tv["lr"] == 1.0 and tv["seeds"] == 2
-    assert abs(tv["best_acc"] - 0.695) < 1e-9 and abs(tv["best_std"] - 0.005) < 1e-9
+    assert tv["lmbda"] == 1e-4 and tv["lr"] == 1.0 and tv["n"] == 2
+    # mean, sample std (ddof 1) and the 95% t half-width with 1 degree of freedom
+    assert abs(tv["best_mean"] - 0.695) < 1e-9 and abs(tv["best_std"] - 0.005 * 2 ** 0.5) < 1e-9
+    assert abs(tv["best_ci"] - 12.7062 * 0.005) < 1e-5
     lars = table[(table.method == "LARS") & (table.bs == 1024)].iloc[0]
-    assert lars["lr"] == 1.0 and lars["diverged"] == 2 and lars["trials"] == 4
+    assert lars["lr"] == 1.0 and lars["runs_diverged"] == 2 and lars["runs"] == 4
     assert set(table["method"]) == {"LARS", "TVLARS", "LAMB + warm-up"}
 
     out = write_report(store, "study", tmp_path / "report")
     text = (out / "report.md").read_text()
     assert "| batch | LAMB + warm-up | LARS | TVLARS |" in text
-    assert "69.50 ± 0.50 (lr 1, λ 0.0001)" in text
-    assert "2/4 diverged" in text
+    assert "69.50 ± 6.35 (n 2, sd 0.71; lr 1, λ 0.0001)" in text
+    assert "2/4 runs diverged" in text
     pngs = {p.name for p in out.glob("*.png")}
     assert "schedules.png" in pngs and "trust_ratios.png" in pngs
     assert any(n.startswith("curves_cifar10_resnet18_clf_bs512") for n in pngs)
     assert "heatmap_cifar10_resnet18_clf_bs512_none.png" in pngs  # two lambdas at one lr
     csv = pd.read_csv(out / "table.csv")
     assert len(csv) == 6
+    assert len(pd.read_csv(out / "paired.csv")) == 4  # TVLARS - LARS, - LAMB; two batch sizes
 
 
 def test_heatmap_when_lr_and_lambda_vary(tmp_path):
@@ -99,7 +104,7 @@ def test_barlow_twins_table_and_pretraining_curves(tmp_path):
     out = write_report(store, "bt", tmp_path / "r")
     text = (out / "report.md").read_text()
     assert "linear-eval top-1" in text and "| batch | LARS + warm-up | TVLARS |" in text
-    assert "| 512 | 35.00 (lr 0.01) | 45.00 (lr 0.01, λ 0.001) |" in text
+    assert "| 512 | 35.00 (n 1; lr 0.01) | 45.00 (n 1; lr 0.01, λ 0.001) |" in text
     assert (out / "pretrain_cifar10_resnet18_bs512.png").exists()
 
 
@@ -135,3 +140,113 @@ def test_provenance_section_names_the_code_packages_and_machines(tmp_path, capsy
     assert "p: started 2026-11-29T00:00:00+00:00 on head: `python -m tvlars_ray.run grid`" \
         in section and "resumed 2026-11-30" in section
     assert "## Provenance" in capsys.readouterr().out  # the report command prints it too
+def _paired_store(store: Store) -> None:
+    """Three seeds at batch 512, one epoch each, with a validation split; see the test."""
+    plan = [  # (opt, sd, lr, lmbda, final test acc per seed (None: diverged), val acc per seed)
+        ("lars", "none", 1.0, None, [0.60, 0.62, 0.61], [0.58, 0.60, 0.59]),
+        ("lars", "none", 2.0, None, [0.70, 0.71, None], [0.80, 0.80, None]),
+        ("tvlars", "none", 1.0, 1e-4, [0.65, 0.66, 0.67], [0.70, 0.70, 0.70]),
+        ("tvlars", "none", 1.0, 1e-3, [0.68, 0.69, 0.70], [0.60, 0.60, 0.60]),
+        ("lamb", "lars-warm", 0.1, None, [0.64, 0.61, 0.68], [0.60, 0.60, 0.60]),
+        ("lars", "lars-warm", 1.0, None, [0.60, 0.605, None], [0.60, 0.60, None]),
+    ]
+    i = 0
+    for opt, sd, lr, lmbda, tests, vals in plan:
+        for seed, (test, val) in enumerate(zip(tests, vals)):
+            cfg = TrialConfig(ds="cifar10", opt=opt, sd=sd, lr=lr, lmbda=lmbda or 1e-3, bs=512,
+                              seed=seed, epochs=1)
+            tid, i = f"p{i:02d}", i + 1
+            if test is None:
+                store.write_epoch("p", tid, cfg, {"epoch": 0, "train_loss": float("nan"),
+                                                  "diverged": True})
+                store.write_trial("p", tid, cfg, "diverged")
+                continue
+            store.write_epoch("p", tid, cfg, {"epoch": 0, "train_loss": 1.0, "test_acc": test,
+                                              "val_acc": val, "val_loss": 1.0,
+                                              "diverged": False})
+            store.write_trial("p", tid, cfg, "completed")
+
+
+def test_selection_on_validation_beside_the_papers_way(tmp_path):
+    store = Store(str(tmp_path / "s"))
+    _paired_store(store)
+    table = paper_table(store.read_trials("p"))
+    pick = {(r.method, r.selection): r for r in table.itertuples()}
+    # validation picks lambda 1e-4 (val 0.70), the test set picks 1e-3 (test 0.69)
+    assert pick["TVLARS", "validation"].lmbda == 1e-4
+    assert pick["TVLARS", "validation"].final_mean == pytest.approx(0.66)
+    assert pick["TVLARS", "test"].lmbda == 1e-3
+    assert pick["TVLARS", "test"].best_mean == pytest.approx(0.69)
+    # LARS lr 2 scores higher on both, but one of its seeds diverged: lr 1 is chosen
+    assert pick["LARS", "validation"].lr == 1.0 and pick["LARS", "test"].lr == 1.0
+    assert pick["LARS", "test"].runs_diverged == 1 and pick["LARS", "test"].runs == 6
+    # every configuration of LARS + warm-up diverged once: it is chosen, its seed counted
+    warm = pick["LARS + warm-up", "validation"]
+    assert (warm.n, warm.n_diverged) == (2, 1)
+    text = (write_report(store, "p", tmp_path / "r") / "report.md").read_text()
+    assert "chosen on validation: final test accuracy (%)" in text
+    assert "the paper's way, chosen on test: best test accuracy (%)" in text
+    assert "66.00 ± 2.48 (n 3, sd 1.00; lr 1, λ 0.0001)" in text
+    assert "61.00 ± 2.48 (n 3, sd 1.00; lr 1; 1/6 runs diverged)" in text
+    assert "60.25 ± 3.18 (n 2 + 1 diverged, sd 0.35; lr 1; 1/3 runs diverged)" in text
+
+
+def test_paired_differences_on_a_hand_made_store(tmp_path):
+    store = Store(str(tmp_path / "s"))
+    _paired_store(store)
+    trials = store.read_trials("p")
+    pairs = paired_differences(paper_table(trials), trials)
+    got = {(r.selection, r.comparison): r for r in pairs.itertuples()}
+    assert len(got) == 6  # TVLARS minus three baselines, two selections
+    lars = got["validation", "TVLARS - LARS"]  # [0.65 0.66 0.67] - [0.60 0.62 0.61]
+    assert (lars.n, lars.seeds) == (3, "0,1,2")
+    assert lars.mean_diff == pytest.approx(0.05) and lars.std_diff == pytest.approx(0.01)
+    assert lars.ci_diff == pytest.approx(4.302653 * 0.01 / 3 ** 0.5, rel=1e-6)
+    assert lars.verdict == "TVLARS ahead of LARS by 5.00 ± 2.48 points over 3 seeds"
+    lamb = got["validation", "TVLARS - LAMB + warm-up"]  # +0.01, +0.05, -0.01
+    assert lamb.mean_diff == pytest.approx(0.05 / 3)
+    assert lamb.verdict.startswith("TVLARS vs LAMB + warm-up: no difference detectable over 3")
+    warm = got["validation", "TVLARS - LARS + warm-up"]  # seed 2 diverged for the baseline
+    assert (warm.n, warm.second_diverged, warm.first_diverged) == (2, 1, 0)
+    assert warm.verdict == ("TVLARS ahead of LARS + warm-up by 5.25 ± 3.18 points over 2 seeds; "
+                            "not paired: LARS + warm-up diverged on seed 2")
+    # the paper's way pairs the test-chosen lambda 1e-3: [0.68 0.69 0.70] - [0.60 0.62 0.61]
+    assert got["test", "TVLARS - LARS"].mean_diff == pytest.approx(0.08)
+    out = write_report(store, "p", tmp_path / "r")
+    assert "TVLARS ahead of LARS by 5.00 ± 2.48 points over 3 seeds" in (
+        out / "report.md").read_text()
+    assert len(pd.read_csv(out / "paired.csv")) == 6
+
+
+def test_layer_plot_for_the_chosen_trials(tmp_path):
+    store = Store(str(tmp_path / "s"))
+    _fill(store)
+    trials = store.read_trials("study")
+    for tid in trials.loc[trials["opt"] != "sgd", "trial_id"]:
+        steps = [10, 20, 30]
+        columns = {"step": [], "layer": [], "layer_index": [], "numel": [], "trust_ratio": [],
+                   "weight_norm": [], "update_norm": [], "lr_now": []}
+        for step in steps:
+            for i in range(4):
+                for key, value in (("step", step), ("layer", f"conv{i}.weight"),
+                                   ("layer_index", i), ("numel", 100), ("lr_now", 1.0),
+                                   ("trust_ratio", 1e-3 * (i + 1) / step ** 0.5),
+                                   ("weight_norm", 1.0), ("update_norm", 2.0)):
+                    columns[key].append(value)
+        store.write_layers("study", tid, "train", 2, columns)
+    out = write_report(store, "study", tmp_path / "r")
+    for bs in (512, 1024):
+        png = out / f"layers_cifar10_resnet18_clf_bs{bs}.png"
+        assert png.stat().st_size > 5000
+        assert f"![{png.stem}]({png.name})" in (out / "report.md").read_text()
+
+
+def test_a_pair_names_every_seed_it_could_not_pair():
+    from tvlars_ray.report import _pair
+
+    got = _pair("TVLARS", {0: 0.5, 1: None, 2: 0.6, 3: None}, "LARS",
+                {0: 0.4, 1: None, 2: None, 3: 0.3})
+    assert got["n"] == 1 and got["seeds"] == "0"
+    assert got["verdict"] == ("TVLARS vs LARS: +10.00 points on 1 seed (no interval from one "
+                              "seed); not paired: TVLARS diverged on seed 3; not paired: LARS "
+                              "diverged on seed 2; not paired: both diverged on seed 1")

@@ -12,7 +12,7 @@ PAPER = {512: ([1, 2, 3], 4), 1024: ([5, 8, 10], 5), 2048: ([10, 12, 15], 6),
          16384: ([12, 15, 17, 20, 25, 30, 35], 7), 32768: ([12, 15, 17, 20, 25, 30, 35], 7)}
 
 EXPECTED = {"paper-nowarmup": 246, "paper-warmup": 42, "readme-grid": 18, "quickstart": 6,
-            "tinyimagenet": 42, "readme-grid-bt": 18, "imagenet-lars": 24}
+            "tinyimagenet": 42, "readme-grid-bt": 18, "imagenet-lars": 24, "cifar10-cpu": 18}
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
@@ -82,6 +82,8 @@ def test_overrides_apply_to_every_trial():
     ({"search": {"lr": {"loguniform": [0, 2]}}}, ["loguniform", "positive"]),
     ({"search": {"lr": {"uniform": [-2, -1]}}}, ["search.lr", "lr must be positive"]),
     ({"grid": {"lr": [1]}, "seeds": 0}, ["seeds"]),
+    ({"search": {"lr": {"uniform": [1, 2]}}, "metric": "val_acc"}, ["val_acc", "val_subset"]),
+    ({"search": {"lr": {"uniform": [1, 2]}}, "metric": "accuracy"}, ["unknown metric"]),
 ])
 def test_malformed_spaces_are_refused_with_one_line(data, words):
     with pytest.raises(ConfigError) as err:
@@ -102,3 +104,9 @@ def test_bad_yaml_and_unknown_names(tmp_path):
     ok = tmp_path / "mine.yaml"
     ok.write_text(yaml.safe_dump({"fixed": {"ds": "synthetic"}, "grid": {"lr": [1, 2]}}))
     assert len(load_space(str(ok)).trials()) == 2
+
+
+def test_an_optuna_study_may_tune_on_validation():
+    space = parse_space({"fixed": {"ds": "synthetic", "val_subset": 500}, "metric": "val_acc",
+                         "search": {"lr": {"loguniform": [0.1, 1.0]}}}, "val")
+    assert space.metric == "val_acc" and space.base_config()["val_subset"] == 500

@@ -6,11 +6,9 @@ import subprocess
 from pathlib import Path
 
 import pandas as pd
-import pytest
 import yaml
 from ray import tune
 
-from tvlars_ray.cluster import DRIVER_RESOURCE, ClusterError, plan
 from tvlars_ray.config import TrialConfig
 from tvlars_ray.run import main
 from tvlars_ray.store import Store, read_epochs, read_trials
@@ -104,22 +102,6 @@ def test_optuna_study_lands_in_the_store(ray_session, tmp_path):
     folders = sorted(p.name for p in tune_dir.iterdir() if p.is_dir())
     assert len(folders) == 4 and all(re.fullmatch(
         r"tvlars-lr[0-9.e+-]+-lmbda[0-9.e+-]+-alpha[0-9.e+-]+-s0-\d{5}", f) for f in folders)
-
-
-def test_plan_refuses_trials_that_cannot_fit():
-    cfg = TrialConfig(ds="synthetic", num_workers=4, cpus_per_worker=1)
-    nodes = [{"CPU": 2.0, DRIVER_RESOURCE: 100.0}]
-    with pytest.raises(ClusterError, match="cannot fit"):
-        plan([cfg], nodes)
-    gpu = TrialConfig(ds="synthetic", num_workers=2, use_gpu=True)
-    with pytest.raises(ClusterError, match="GPU"):
-        plan([gpu], [{"CPU": 16.0, "GPU": 1.0}])
-    # 8 GPUs, 2 per trial: 4 at a time, never more GPUs than there are
-    four = plan([gpu], [{"CPU": 16.0, "GPU": 4.0}, {"CPU": 16.0, "GPU": 4.0}])
-    assert four.concurrency == 4 and four.driver == {"CPU": 0.01}
-    # the driver takes the custom resource where the cluster declares it
-    two = plan([TrialConfig(ds="synthetic", num_workers=2)], nodes)
-    assert two.driver == {DRIVER_RESOURCE: 0.01} and two.concurrency == 1
 
 
 def test_tune_is_given_every_setting_of_each_grid_point():

@@ -7,13 +7,15 @@ import time
 
 import pandas as pd
 import pytest
+import ray
+from ray.util.state import list_actors
 
 from tvlars_ray.config import TrialConfig
 from tvlars_ray.store import Store
 from tvlars_ray.trial import fit_trial
 
-METRICS = ["train_loss", "train_acc", "test_loss", "test_acc", "lr_now", "trust_ratio_mean",
-           "phi", "step"]
+METRICS = ["train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc", "lr_now",
+           "trust_ratio_mean", "phi", "step"]
 
 
 def tiny(**changes) -> TrialConfig:
@@ -24,7 +26,7 @@ def tiny(**changes) -> TrialConfig:
 
 def test_whole_test_set_and_identical_reruns(ray_session, tmp_path):
     store = str(tmp_path)
-    cfg = tiny()
+    cfg = tiny(layer_every=5, val_subset=100)
     assert fit_trial(cfg, store, "e", "first") == "completed"
     assert fit_trial(cfg, store, "e", "second") == "completed"
     epochs = Store(store).read_epochs("e")
@@ -33,6 +35,8 @@ def test_whole_test_set_and_identical_reruns(ray_session, tmp_path):
     assert list(first["epoch"]) == [0, 1]
     # every test image counted once across the two ranks; every training image stepped on
     assert (first["test_samples"] == 301).all() and (first["train_samples"] == 400).all()
+    # the 100 validation images held out of training, evaluated every epoch
+    assert (first["val_samples"] == 100).all() and first["val_acc"].between(0, 1).all()
     assert (first["world_size"] == 2).all()
     # the seed reaches every worker: the same config gives the same numbers
     pd.testing.assert_frame_equal(first[METRICS], second[METRICS])
@@ -41,6 +45,16 @@ def test_whole_test_set_and_identical_reruns(ray_session, tmp_path):
     trials = Store(store).read_trials("e")
     assert list(trials["status"]) == ["completed", "completed"]
     assert list(trials["epochs_done"]) == [2, 2]
+    # the per-layer history: every 5th of the 2 x 13 steps, each adapted layer of the CNN
+    layers = Store(store).read_layers("e")
+    first_layers = layers[layers.trial_id == "first"]
+    assert sorted(first_layers["step"].unique()) == [5, 10, 15, 20, 25]
+    assert list(first_layers.groupby("step")["epoch"].first()) == [0, 0, 1, 1, 1]
+    adapted = first_layers["layer"].unique()
+    assert len(first_layers) == 5 * len(adapted) and all(n.endswith("weight") for n in adapted)
+    assert (first_layers["trust_ratio"] > 0).all() and (first_layers["weight_norm"] > 0).all()
+    by_trial = [layers[layers.trial_id == t].reset_index(drop=True) for t in ("first", "second")]
+    pd.testing.assert_series_equal(by_trial[0]["trust_ratio"], by_trial[1]["trust_ratio"])
 
 
 def test_diverging_trial_is_recorded_not_crashed(ray_session, tmp_path):
@@ -55,9 +69,9 @@ def test_diverging_trial_is_recorded_not_crashed(ray_session, tmp_path):
 
 
 def _worker_pids() -> list[int]:
-    from ray.util.state import list_actors
-
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    actors = list_actors(address=ray.get_runtime_context().gcs_address,  # of this Ray
+                         filters=[("class_name", "=", "RayTrainWorker"),
+                                  ("state", "=", "ALIVE")])
     return [a["pid"] for a in actors]
 
 
@@ -87,6 +101,10 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_session, tmp_path):
     kept = epochs[epochs["epoch"] < len(done_before) - 1]
     assert len(kept) >= 1 and (kept["recorded_at"] < killed_at).all()
     assert (epochs["step"].diff().dropna() > 0).all()
+    # each epoch's last step, once per layer, though an epoch may have run twice
+    layers = st.read_layers("e")
+    assert not layers.duplicated(["trial_id", "step", "layer"]).any()
+    assert sorted(layers["step"].unique()) == list(epochs["step"])
 
 
 @pytest.mark.parametrize("loader", ["torch"])
@@ -114,7 +132,7 @@ def test_device_loader_and_dataloader_train_alike():
                    epochs=6, bs=64, num_workers=1)
         torch.manual_seed(0)
         worker = Worker(0, 1, torch.device("cpu"), False, False)
-        train, test, classes = build_loaders(cfg, worker.rank, worker.world, worker.device)
+        train, test, _, classes = build_loaders(cfg, worker.rank, worker.world, worker.device)
         model = build_model(cfg.model, classes, cfg.stem)
         optimizer = build_optimizer(cfg.opt, model, cfg)
         schedule = build_schedule(optimizer, "cosine", cfg.epochs, len(train), cfg.bs, 0)

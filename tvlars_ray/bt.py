@@ -25,7 +25,7 @@ from torch import nn
 
 from .compat import all_reduce_with_grad
 from .config import TrialConfig
-from .data import BatchAugment, DeviceLoader, dataset_stats, load_dataset
+from .data import BatchAugment, DeviceLoader, dataset_stats, load_splits
 from .models import build_model, split_head
 from .optim import build_optimizer
 from .schedules import build_schedule
@@ -291,8 +291,8 @@ def run(cfg: TrialConfig, job: dict[str, Any]) -> None:
     worker = Worker.current(cfg)
     recorder = Recorder(cfg, job, worker)
     seed_everything(cfg.seed)
-    train, test = load_dataset(cfg.ds, cfg.data_dir, cfg.seed, cfg.train_subset,
-                               cfg.test_subset)
+    train, test, val = load_splits(cfg.ds, cfg.data_dir, cfg.seed, cfg.train_subset,
+                                   cfg.test_subset, cfg.val_subset)
     mean, std = dataset_stats(cfg.ds, cfg.norm, train)
     recorder.mark("data_ready_at")
     state = load_checkpoint(worker.device)
@@ -309,8 +309,8 @@ def run(cfg: TrialConfig, job: dict[str, Any]) -> None:
         backbone, _ = fresh_backbone()  # plain batch norms again, for evaluation
         backbone.load_state_dict(trained)
         state = None
-    linear_evaluation(cfg, worker, backbone, feature_dim, train, test, mean, std, recorder,
-                      state)
+    linear_evaluation(cfg, worker, backbone, feature_dim, train, test, val, mean, std,
+                      recorder, state)
 
 
 def pretrain_epoch(model: nn.Module, loader, optimizer, schedule, worker: Worker) -> dict:
@@ -353,16 +353,22 @@ def pretrain(cfg: TrialConfig, worker: Worker, backbone: nn.Module, feature_dim:
 
 
 def linear_evaluation(cfg: TrialConfig, worker: Worker, backbone: nn.Module, feature_dim: int,
-                      train, test, mean, std, recorder: Recorder, state: dict | None) -> None:
-    """Stage 2: the linear classifier on the (frozen) pre-trained backbone."""
+                      train, test, val, mean, std, recorder: Recorder,
+                      state: dict | None) -> None:
+    """Stage 2: the linear classifier on the (frozen) pre-trained backbone, tested on the test
+    set and, with a hold-out (``val``, never seen in either stage), validated on it."""
     finetune = cfg.lr_backbone > 0
     model = prepare_model(LinearEval(backbone, feature_dim, train.num_classes, finetune),
                           worker, cfg.compile)
     per_worker = cfg.bs // worker.world
     loader = DeviceLoader(train, per_worker, BatchAugment(mean, std), worker.device, worker.rank,
                           worker.world, cfg.seed)
-    test_loader = DeviceLoader(test, per_worker, BatchAugment(mean, std, train=False),
-                               worker.device, worker.rank, worker.world, shuffle=False)
+    test_loader, val_loader = (
+        None if data is None else DeviceLoader(data, per_worker,
+                                               BatchAugment(mean, std, train=False),
+                                               worker.device, worker.rank, worker.world,
+                                               shuffle=False)
+        for data in (test, val))
     net = unwrap(model)
     groups = [{"params": list(net.head.parameters()), "lr": cfg.lr_classifier}]
     if finetune:
@@ -372,6 +378,8 @@ def linear_evaluation(cfg: TrialConfig, worker: Worker, backbone: nn.Module, fea
     stage = Stage("linear", model, optimizer, schedule, loader, cfg.epochs,
                   one_epoch=lambda batches: train_epoch(model, batches, optimizer, schedule,
                                                         worker),
-                  evaluate=lambda: evaluate(model, test_loader, worker, topk5=True),
+                  evaluate=lambda: {**evaluate(model, test_loader, worker, topk5=True), **(
+                      {} if val_loader is None
+                      else evaluate(model, val_loader, worker, topk5=False, split="val"))},
                   seed_offset=10_000)
     run_stage(stage, worker, cfg, recorder, state)

@@ -32,15 +32,22 @@ def run(cfg: TrialConfig, job: dict[str, Any]) -> None:
     worker = Worker.current(cfg)
     recorder = Recorder(cfg, job, worker)
     seed_everything(cfg.seed)
-    train_loader, test_loader, num_classes = build_loaders(cfg, worker.rank, worker.world,
-                                                           worker.device)
+    train_loader, test_loader, val_loader, num_classes = build_loaders(
+        cfg, worker.rank, worker.world, worker.device)
     recorder.mark("data_ready_at")
     model = prepare_model(build_model(cfg.model, num_classes, cfg.stem), worker, cfg.compile)
     optimizer = build_optimizer(cfg.opt, model, cfg)
     schedule = build_schedule(optimizer, cfg.sd, cfg.epochs, len(train_loader), cfg.bs,
                               cfg.warmup_epochs)
+
+    def evaluate_all() -> dict[str, Any]:
+        metrics = evaluate(model, test_loader, worker, topk5=num_classes > 10)
+        if val_loader is not None:
+            metrics.update(evaluate(model, val_loader, worker, topk5=False, split="val"))
+        return metrics
+
     stage = Stage(
         "train", model, optimizer, schedule, train_loader, cfg.epochs,
         one_epoch=lambda batches: train_epoch(model, batches, optimizer, schedule, worker),
-        evaluate=lambda: evaluate(model, test_loader, worker, topk5=num_classes > 10))
+        evaluate=evaluate_all)
     run_stage(stage, worker, cfg, recorder, load_checkpoint(worker.device))

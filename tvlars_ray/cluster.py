@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import ray
 
-from . import compat
+from . import compat, process_setup
 from .config import TrialConfig
 from .errors import UserError
 from .store import Store
@@ -57,7 +57,7 @@ def connect(address: str | None = None, num_cpus: int | None = None,
         return None
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.update(ray_env())
-    runtime_env = {"env_vars": ray_env()}
+    runtime_env = {"env_vars": ray_env(), "worker_process_setup_hook": process_setup.HOOK}
     if address:
         context = ray.init(address=address, runtime_env=runtime_env,
                            log_to_driver=log_to_driver)
@@ -121,12 +121,19 @@ class Plan:
     workers: int
     concurrency: int
 
+    @property
+    def trials_per_gpu(self) -> int:
+        """How many trials share one GPU (0 for CPU trials)."""
+        share = self.worker.get("GPU", 0) * self.workers
+        return int(1 / share + 1e-9) if share else 0
+
     def describe(self) -> str:
         def fmt(res: dict[str, float]) -> str:
             return ", ".join(f"{v:g} {k}" for k, v in res.items() if v)
 
+        shared = f"; {self.trials_per_gpu} trials per GPU" if self.trials_per_gpu > 1 else ""
         return (f"each trial: driver {{{fmt(self.driver)}}} + {self.workers} x worker "
-                f"{{{fmt(self.worker)}}}; {self.concurrency} trial(s) at a time")
+                f"{{{fmt(self.worker)}}}{shared}; {self.concurrency} trial(s) at a time")
 
 
 def plan(trials: Sequence[TrialConfig], nodes: list[dict[str, float]] | None,

@@ -1,5 +1,12 @@
 """Every private Ray or torch API the project uses, behind one small module.
 
+Most are here for speed. Ray Train's public per-worker functions (``ray.train.get_context``,
+``report``, ``get_checkpoint``, ``ray.train.torch.get_device`` and ``prepare_model``) import
+all of Ray Tune on their first call, to check for a Tune session: about 3 CPU-seconds in every
+worker process of every trial, a large part of a short trial's cost on a laptop. The shims
+below reach the same Train internals those functions call, without that check (and
+:mod:`tvlars_ray.process_setup` spares Ray's own calls of it).
+
 Ray is pinned (``ray==2.60.0`` in pyproject.toml) and ``tests/test_compat.py`` checks each shim
 against the installed release, so an upgrade that moves one of these fails there, in one
 place, not deep inside a trial. (torch's ``_foreach_*`` multi-tensor kernels, which
@@ -20,9 +27,14 @@ import torch
 import torch.distributed as dist
 from ray._private import worker as _ray_worker
 from ray._private.state import state as _ray_state
-from ray.train._internal.session import get_session as _tune_session
+from ray.air._internal import torch_utils as _air_torch
+from ray.train._internal.session import get_session as _train_session
+from ray.train.torch import TorchTrainer as _RayTorchTrainer
+from ray.train.v2._internal.callbacks.datasets import DatasetsCallback as _DatasetsCallback
 from ray.train.v2._internal.execution import context as _train_context
 from ray.train.v2._internal.execution import train_fn_utils as _train_fn_utils
+from ray.train.v2.api.callback import UserCallback
+from ray.train.v2.api.report_config import CheckpointUploadMode
 from torch.distributed import _functional_collectives as _fcol
 
 PINNED_RAY = "2.60.0"
@@ -43,6 +55,47 @@ def quiet_train_report_log() -> None:
     (so its LoggingConfig cannot reach it): a wall of text per epoch. Keep warnings only."""
     logging.getLogger(_train_context.__file__).setLevel(logging.WARNING)
     logging.getLogger(_train_fn_utils.__name__).setLevel(logging.WARNING)  # local mode
+
+
+class TorchTrainer(_RayTorchTrainer):
+    """Ray's TorchTrainer, less the Ray Data machinery when the run has no Ray datasets.
+
+    Train's datasets callback starts a ``DatasetManager`` actor for every worker group even
+    with no datasets: one more process per trial, which imports Ray Data. Our data never
+    goes through Ray Data, so a run without datasets leaves that callback out."""
+
+    def _create_default_callbacks(self) -> list[Any]:
+        callbacks = super()._create_default_callbacks()
+        if self.datasets:
+            return callbacks
+        return [c for c in callbacks if not isinstance(c, _DatasetsCallback)]
+
+
+def train_context() -> Any:
+    """``ray.train.get_context()``: this worker's rank, world size, ..."""
+    return _train_fn_utils.get_train_fn_utils().get_context()
+
+
+def train_report(metrics: dict[str, Any], checkpoint: Any = None) -> None:
+    """``ray.train.report(metrics, checkpoint)`` with its defaults (a synchronous upload)."""
+    mode = CheckpointUploadMode.SYNC
+    _train_fn_utils.get_train_fn_utils().report(
+        metrics=metrics, checkpoint=checkpoint, checkpoint_upload_mode=mode,
+        delete_local_checkpoint_after_upload=mode.default_delete_local_checkpoint_after_upload())
+
+
+def train_checkpoint() -> Any:
+    """``ray.train.get_checkpoint()``: the run's latest checkpoint, or None."""
+    return _train_fn_utils.get_train_fn_utils().get_checkpoint()
+
+
+def train_device() -> torch.device:
+    """``ray.train.torch.get_device()``: this worker's GPU (or the CPU without one)."""
+    if _train_fn_utils.get_train_fn_utils().is_distributed():
+        return _air_torch.get_devices()[0]
+    if torch.cuda.is_available():  # Train's local mode: the current device
+        return torch.device(f"cuda:{torch.cuda.current_device()}")
+    return torch.device("cpu")
 
 
 def all_reduce_with_grad(tensor: torch.Tensor) -> torch.Tensor:
@@ -103,14 +156,34 @@ class LoggerTrial:
 
 def wait_until_tune_took_the_reports(poll_s: float = 0.1) -> None:
     """Return once the Tune trial running this function has taken every report Ray Train
-    queued for it (the queue behind Tune's ``TuneReportCallback``).
+    queued for it (the queue :class:`TrainToTune` fills, as Tune's ``TuneReportCallback`` does).
 
     Ray 2.60's function trainable deadlocks when its function returns while such a report
     still waits: the function's end marker fills the trial's one-slot result queue, and the
     trial's main thread, moving the waiting report there, blocks for ever. Tune takes one
     report per ``train()`` call, so a controller slowed by its callbacks (trackers, a busy
     machine) leaves the last epoch's report waiting past the end of the fit."""
-    session = _tune_session()
+    session = _train_session()
     queue = getattr(session, "_inter_actor_queue", None)
     while queue is not None and not queue.empty():
         time.sleep(poll_s)
+class TrainToTune(UserCallback):
+    """Ray Tune's ``TuneReportCallback`` (ray.tune.integration.ray_train), without Ray Tune.
+
+    The Train controller and every Train worker unpickle the run's callbacks, and Tune's own
+    class lives in ``ray.tune``, whose import costs each of those processes seconds per trial.
+    This one hands the same metrics (rank 0's, with the checkpoint's path) to the same queue
+    of the Tune session it was built in, and imports nothing from Tune.
+    """
+
+    CHECKPOINT_PATH_KEY = "checkpoint_path"
+
+    def __init__(self) -> None:
+        self._queue = _train_session()._get_or_create_inter_actor_queue()
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]],
+                     checkpoint: Any) -> None:
+        reported = dict(metrics[0])
+        if checkpoint:
+            reported[self.CHECKPOINT_PATH_KEY] = checkpoint.path
+        self._queue.put(reported)

@@ -22,7 +22,7 @@ from .bounds import BOUNDS, check
 from .data import DATASETS
 from .errors import UserError
 from .models import MODELS
-from .optim import available_optimizers
+from .optim import available_optimizers, get_spec
 
 MODES = ("clf", "bt")
 SCHEDULES = ("none", "cosine", "lars-warm")
@@ -69,6 +69,7 @@ class TrialConfig:
     data_dir: str | None = None
     train_subset: int | None = None
     test_subset: int | None = None
+    val_subset: int | None = None
     norm: str = "dataset"
     loader: str = "device"
     loader_workers: int = 0
@@ -86,6 +87,8 @@ class TrialConfig:
     amp: str = "auto"
     channels_last: bool | None = None
     compile: bool = False
+    # what is recorded besides the epochs
+    layer_every: int | None = None
     # fault tolerance
     checkpoint_every: int = 1
     max_failures: int = 2
@@ -152,8 +155,11 @@ HELP = {
     "warmup_epochs": "warm-up epochs of lars-warm",
     "data_dir": "where datasets live (default TVLARS_DATA_DIR, else a user cache folder); "
                 "for imagefolder, the folder or .zip itself",
-    "train_subset": "use a stratified, seeded subset of this many training images",
+    "train_subset": "use a stratified, seeded subset of this many training images (of those "
+                    "left after the validation hold-out)",
     "test_subset": "use a stratified, seeded subset of this many test images",
+    "val_subset": "hold out a stratified, seeded set of this many training images for "
+                  "validation (never trained on; val_loss / val_acc every epoch)",
     "norm": "normalisation statistics: dataset (its own) or imagenet (as the reference)",
     "loader": "device (images on the worker's device, batched augmentation) or torch "
               "(DataLoader, per-sample transforms; for data that does not fit in memory or "
@@ -168,18 +174,23 @@ HELP = {
     "num_workers": "DDP workers of the trial (0: run in this process, for debugging)",
     "use_gpu": "one GPU-backed worker per DDP rank (NCCL); else CPU workers (gloo)",
     "cpus_per_worker": "CPUs reserved per DDP worker",
-    "gpus_per_worker": "GPUs reserved per DDP worker",
+    "gpus_per_worker": "GPUs reserved per DDP worker: 1, or a share such as 0.25 (four "
+                       "one-worker trials on each GPU, each capped at its share of the "
+                       "GPU's memory)",
     "amp": "mixed precision: auto (bf16 on GPU, off on CPU), none or bf16",
     "channels_last": "channels-last memory layout (default: on GPU only)",
     "compile": "torch.compile the model",
+    "layer_every": "per-layer trust ratio and norms every k optimizer steps (LARS family; "
+                   "none: at each epoch's last step)",
     "checkpoint_every": "checkpoint every k epochs (and at the end)",
     "max_failures": "restarts from the last checkpoint after a worker dies",
 }
 
-# Settings that decide where and how fast a trial runs, not what it computes.
+# Settings that decide where and how fast a trial runs, or what it records besides, not what
+# it computes.
 RESOURCE_FIELDS = frozenset(
     {"data_dir", "loader_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker",
-     "checkpoint_every", "max_failures", "compile"}
+     "checkpoint_every", "max_failures", "compile", "layer_every"}
 )
 
 TVLARS_FIELDS = frozenset({"lmbda", "alpha", "delay", "gamma_min", "norm_clip"})
@@ -194,6 +205,8 @@ def irrelevant_fields(c: TrialConfig) -> frozenset[str]:
         out |= TVLARS_FIELDS
     if c.opt not in ("lars", "tvlars"):
         out.add("eta")
+    if not get_spec(c.opt).lars_family:
+        out.add("layer_every")
     if c.opt not in ("sgd", "lars", "tvlars"):
         out.add("momentum")
     if c.sd != "lars-warm":
@@ -327,6 +340,10 @@ def _validate(c: TrialConfig) -> None:
                 check(name, getattr(c, name))
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+    _need(not (c.use_gpu and c.gpus_per_worker < 1 and c.num_workers > 1),
+          f"gpus_per_worker {c.gpus_per_worker:g} shares a GPU between trials, which needs one "
+          f"worker per trial (NCCL cannot run two ranks of one trial on one GPU): set "
+          f"num_workers 1, or gpus_per_worker 1")
     if c.num_workers > 0:
         _need(
             c.bs % c.num_workers == 0,

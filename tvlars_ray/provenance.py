@@ -94,13 +94,15 @@ def local_gpus() -> list[str]:
     return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
 
 
-def command_line(argv: Sequence[str]) -> str:
-    return shlex.join(["python", "-m", "tvlars_ray.run", *argv])
+def command_line(argv: Sequence[str], prog: str = "python -m tvlars_ray.run") -> str:
+    return shlex.join([*shlex.split(prog), *argv])
 
 
-def collect(argv: Sequence[str]) -> dict[str, Any]:
-    """This command's provenance: what ``provenance.json`` records for one run of it."""
-    return {"command": command_line(argv), "cwd": str(Path.cwd()), "host": socket.gethostname(),
+def collect(argv: Sequence[str], prog: str = "python -m tvlars_ray.run") -> dict[str, Any]:
+    """This command's provenance: what ``provenance.json`` records for one run of it
+    (``prog``: how the command was called, ``tvlars`` or ``python -m tvlars_ray.run``)."""
+    return {"command": command_line(argv, prog), "cwd": str(Path.cwd()),
+            "host": socket.gethostname(),
             "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "git": git_state(), "versions": versions(), **cuda_build(), "gpus": local_gpus()}
 

@@ -1,11 +1,13 @@
 """The paper's tables and plots, drawn from the store alone.
 
 Tables: per (dataset, model, mode), one row per batch size and one column per method (the
-optimizer, with or without warm-up), the best configuration's accuracy (best over lr and
-lambda, mean +- std over seeds) and which lr / lambda won; diverged trials are counted in
-every cell, never hidden. Plots: test-accuracy curves, lr x lambda heatmaps, the lr and phi
-schedules, trust-ratio summaries over epochs and, for Barlow Twins, the pre-training losses
-(its table holds the linear-evaluation accuracy).
+optimizer, with or without warm-up), the chosen configuration's accuracy over seeds (mean,
+95% Student-t interval, sample std, n) and which lr / lambda won. The configuration is chosen
+on the validation split where the trials held one out, and, beside it, on the test set as the
+paper did, labelled so. Diverged runs are counted in every cell, never hidden. Then TVLARS
+minus each baseline, paired on seed, with a verdict in words. Plots: test-accuracy curves,
+lr x lambda heatmaps, the lr and phi schedules, trust-ratio summaries over epochs and, for
+Barlow Twins, the pre-training losses (its table holds the linear-evaluation accuracy).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import pandas as pd  # noqa: E402
 from .config import FIELD_NAMES, RESOURCE_FIELDS  # noqa: E402
 from .optim import tvlars_phi  # noqa: E402
 from .schedules import lr_multiplier  # noqa: E402
+from .stats import interval, verdict  # noqa: E402
 from .store import ENDED, Store  # noqa: E402
 
 GROUP = ["ds", "model", "mode"]
@@ -38,8 +41,25 @@ def method_name(opt: str, sd: str) -> str:
     return f"{name} + warm-up" if sd == "lars-warm" else name if sd == "none" else f"{name} ({sd})"
 
 
+# Per trial, the numbers a configuration is judged on (columns of the trials table).
+METRICS = ("best_test_acc", "final_test_acc", "best_val_acc", "final_val_acc")
+# How a method's configuration (lr, lambda) is chosen: the score it is chosen on, the metric
+# then reported for it, and the label the report gives it.
+SELECTIONS = {
+    "validation": ("final_val_acc", "final_test_acc",
+                   "chosen on validation: final test accuracy"),
+    "test": ("best_test_acc", "best_test_acc",
+             "the paper's way, chosen on test: best test accuracy"),
+}
+
+
 def _points(trials: pd.DataFrame) -> pd.DataFrame:
-    """One row per configuration (all settings but the seed), with seed statistics."""
+    """One row per configuration (all settings but the seed), with seed statistics.
+
+    Per metric: the mean, the sample std and the half-width of the 95% Student-t interval over
+    the seeds that finished (``n``); seeds that diverged are counted in ``n_diverged`` and left
+    out of the mean (their accuracy is that of a broken run, not a sample of the method's).
+    """
     keys = [k for k in SCIENCE if k in trials]
     frame = trials.copy()
     frame["_key"] = [json.dumps([None if pd.isna(v) else v for v in row], default=str)
@@ -49,69 +69,152 @@ def _points(trials: pd.DataFrame) -> pd.DataFrame:
     for _, g in frame.groupby("_key", sort=False):
         first = g.iloc[0]
         ok = g[~g["_diverged"]]
-        rows.append({
-            **{k: first[k] for k in keys},
-            "method": method_name(first["opt"], first["sd"]),
-            "seeds": len(g), "diverged": int(g["_diverged"].sum()),
-            "best_mean": ok["best_test_acc"].mean(), "best_std": ok["best_test_acc"].std(ddof=0),
-            "final_mean": ok["final_test_acc"].mean(),
-            "final_std": ok["final_test_acc"].std(ddof=0),
-            "trial_ids": ",".join(g["trial_id"]),
-        })
+        row = {**{k: first[k] for k in keys}, "method": method_name(first["opt"], first["sd"]),
+               "runs": len(g), "n": len(ok), "n_diverged": int(g["_diverged"].sum())}
+        for metric in METRICS:
+            iv = interval(ok[metric] if metric in ok else [])
+            row.update({f"{metric}_mean": iv.mean, f"{metric}_std": iv.std,
+                        f"{metric}_ci": iv.half})
+        row.update(trial_ids=",".join(g["trial_id"]),
+                   seeds=",".join(str(int(s)) for s in g["seed"]))
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
+def select(configs: pd.DataFrame, score: str) -> pd.Series | None:
+    """The configuration a method would be run with: the highest mean ``score``, among the
+    configurations none of whose seeds diverged when there are any (a setting that sometimes
+    blows up is not one to recommend). None if no configuration has the score."""
+    scored = configs.dropna(subset=[f"{score}_mean"])
+    if scored.empty:
+        return None
+    clean = scored[scored["n_diverged"] == 0]
+    pool = clean if len(clean) else scored
+    return pool.loc[pool[f"{score}_mean"].idxmax()]
+
+
 def paper_table(trials: pd.DataFrame) -> pd.DataFrame:
-    """Per (ds, model, mode, bs, method): the winning configuration and the counts."""
+    """Per (ds, model, mode, bs, method, selection): the chosen configuration and its numbers.
+
+    ``selection`` is ``test`` (the paper's way: lr and lambda chosen by the best test accuracy)
+    and, where the trials held out a validation set, ``validation`` (chosen by the final
+    validation accuracy; its test accuracy is then a fair estimate)."""
     points = _points(trials)
     if points.empty:
         return points
     rows = []
     for key, g in points.groupby([*GROUP, "bs", "method"], sort=True):
-        scored = g.dropna(subset=["best_mean"])
-        win = scored.loc[scored["best_mean"].idxmax()] if len(scored) else g.iloc[0]
-        rows.append({
-            **dict(zip([*GROUP, "bs", "method"], key)),
-            "best_acc": win["best_mean"], "best_std": win["best_std"],
-            "final_acc": win["final_mean"], "final_std": win["final_std"],
-            "lr": win["lr"], "lmbda": win["lmbda"] if win["opt"] == "tvlars" else None,
-            "seeds": int(win["seeds"]), "configs": len(g), "trials": int(g["seeds"].sum()),
-            "diverged": int(g["diverged"].sum()),
-        })
+        for selection, (score, _, _) in SELECTIONS.items():
+            win = select(g, score)
+            if win is None:
+                continue
+            row = {**dict(zip([*GROUP, "bs", "method"], key)), "selection": selection,
+                   "score": win[f"{score}_mean"], "lr": win["lr"],
+                   "lmbda": win["lmbda"] if win["opt"] == "tvlars" else None,
+                   "n": int(win["n"]), "n_diverged": int(win["n_diverged"])}
+            for which in ("best", "final"):
+                for stat in ("mean", "std", "ci"):
+                    row[f"{which}_{stat}"] = win[f"{which}_test_acc_{stat}"]
+            row.update(configs=len(g), runs=int(g["runs"].sum()),
+                       runs_diverged=int(g["n_diverged"].sum()), trial_ids=win["trial_ids"])
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
+def paired_differences(table: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
+    """TVLARS minus each other method, per batch size and selection, matched on seed.
+
+    Each side is its method's chosen configuration; a seed counts when both sides ran it and
+    neither diverged; seeds where one side diverged are counted apart and named in the
+    verdict."""
+    rows = []
+    by_id = trials.set_index("trial_id")
+    for key, cell in table.groupby([*GROUP, "bs", "selection"], sort=True):
+        metric = SELECTIONS[key[-1]][1]
+        runs = {r["method"]: _runs_by_seed(by_id, r["trial_ids"], metric)
+                for _, r in cell.iterrows()}
+        opts = dict(zip(cell["method"], [by_id.loc[r.split(",")[0], "opt"]
+                                         for r in cell["trial_ids"]]))
+        for first in sorted(m for m in runs if opts[m] == "tvlars"):
+            for second in sorted(m for m in runs if opts[m] != "tvlars"):
+                rows.append({**dict(zip([*GROUP, "bs", "selection"], key)), "metric": metric,
+                             **_pair(first, runs[first], second, runs[second])})
+    return pd.DataFrame(rows)
+
+
+def _runs_by_seed(by_id: pd.DataFrame, trial_ids: str, metric: str) -> dict[int, float | None]:
+    """seed -> the metric of that seed's run, None where it diverged."""
+    out = {}
+    for tid in trial_ids.split(","):
+        row = by_id.loc[tid]
+        out[int(row["seed"])] = None if row["status"] == "diverged" else float(row[metric])
+    return out
+
+
+def _pair(first: str, a: dict[int, float | None], second: str,
+          b: dict[int, float | None]) -> dict:
+    common = sorted(set(a) & set(b))
+    both = [s for s in common if a[s] is not None and b[s] is not None
+            and math.isfinite(a[s]) and math.isfinite(b[s])]
+    diff = interval([a[s] - b[s] for s in both])
+    lost_a = [s for s in common if a[s] is None and b[s] is not None]
+    lost_b = [s for s in common if b[s] is None and a[s] is not None]
+    lost_both = [s for s in common if a[s] is None and b[s] is None]
+    sentence = verdict(diff, first, second)
+    for name, seeds in ((first, lost_a), (second, lost_b), ("both", lost_both)):
+        if seeds:
+            sentence += (f"; not paired: {name} diverged on seed"
+                         f"{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
+    return {"comparison": f"{first} - {second}", "seeds": ",".join(map(str, both)),
+            "n": diff.n, "mean_diff": diff.mean, "std_diff": diff.std, "ci_diff": diff.half,
+            "first_diverged": len(lost_a), "second_diverged": len(lost_b), "verdict": sentence}
+
+
 def _cell(row: pd.Series, which: str) -> str:
-    mean, std = row[f"{which}_acc"], row[f"{which}_std"]
+    mean, std, half = (row[f"{which}_{stat}"] for stat in ("mean", "std", "ci"))
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         text = "diverged"
     else:
         text = f"{100 * mean:.2f}"
-        if row["seeds"] > 1:
-            text += f" ± {100 * std:.2f}"
+        if row["n"] > 1:
+            text += f" ± {100 * half:.2f}"
+    n = f"n {row['n']}" + (f" + {row['n_diverged']} diverged" if row["n_diverged"] else "")
+    if row["n"] > 1:
+        n += f", sd {100 * std:.2f}"
     won = f"lr {row['lr']:g}"
     if row["lmbda"] is not None and not pd.isna(row["lmbda"]):
         won += f", λ {row['lmbda']:g}"
-    div = f", {row['diverged']}/{row['trials']} diverged" if row["diverged"] else ""
-    return f"{text} ({won}{div})"
+    div = (f"; {row['runs_diverged']}/{row['runs']} runs diverged"
+           if row["runs_diverged"] else "")
+    return f"{text} ({n}; {won}{div})"
+
+
+CELL_KEY = ("Cells: mean ± half-width of the 95% Student-t interval over seeds; n: seeds that "
+            "finished, + those that diverged (left out of the mean); sd: sample standard "
+            "deviation; the lr / λ chosen; runs diverged over every configuration of the cell.")
 
 
 def markdown_tables(table: pd.DataFrame) -> str:
-    """Rows: batch sizes; columns: methods side by side (with and without warm-up)."""
+    """Rows: batch sizes; columns: methods side by side (with and without warm-up); one table
+    per way of choosing the configuration."""
     if table.empty:
         return "_no finished trials yet_\n"
-    out = []
+    out = [CELL_KEY, ""]
     for key, g in table.groupby(GROUP, sort=True):
         ds, model, mode = key
         methods = sorted(g["method"].unique(), key=lambda m: (m.split(" ")[0], "warm" in m, m))
-        for which, title in (("best", "best test accuracy"), ("final", "final test accuracy")):
-            label = "linear-eval top-1" if mode == "bt" else title
-            out.append(f"### {ds} / {model} / {mode}: {label} (%)"
-                       + (" — best epoch" if mode == "bt" and which == "best" else ""))
-            out.append("")
-            out.append("| batch | " + " | ".join(methods) + " |")
-            out.append("|---|" + "---|" * len(methods))
-            for bs, rows in g.groupby("bs", sort=True):
+        shown = [("validation", "final", SELECTIONS["validation"][2]),
+                 ("test", "best", SELECTIONS["test"][2]),
+                 ("test", "final", "the paper's way, chosen on test: final test accuracy")]
+        for selection, which, title in shown:
+            rows_of = g[g["selection"] == selection]
+            if rows_of.empty:
+                continue
+            if mode == "bt":
+                title = title.replace("test accuracy", "linear-eval top-1")
+            out += [f"### {ds} / {model} / {mode}: {title} (%)", "",
+                    "| batch | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+            for bs, rows in rows_of.groupby("bs", sort=True):
                 cells = []
                 for method in methods:
                     hit = rows[rows["method"] == method]
@@ -121,34 +224,66 @@ def markdown_tables(table: pd.DataFrame) -> str:
     return "\n".join(out)
 
 
+def markdown_pairs(pairs: pd.DataFrame) -> str:
+    """The paired differences as one table per selection, with the verdict in words."""
+    if pairs.empty:
+        return ""
+    out = ["## Paired differences (matched on seed)", "",
+           "TVLARS minus each other method, each at its chosen configuration, over the seeds "
+           "both ran and neither diverged; ± is the half-width of the 95% Student-t interval "
+           "of the mean difference, in accuracy points.", ""]
+    for selection in SELECTIONS:
+        g = pairs[pairs["selection"] == selection]
+        if g.empty:
+            continue
+        out += [f"### {SELECTIONS[selection][2]}", "",
+                "| data | batch | difference | n | mean | 95% CI | verdict |",
+                "|---|---|---|---|---|---|---|"]
+        for _, r in g.iterrows():
+            mean = "" if math.isnan(r["mean_diff"]) else f"{100 * r['mean_diff']:+.2f}"
+            ci = "" if math.isnan(r["ci_diff"]) else (
+                f"[{100 * (r['mean_diff'] - r['ci_diff']):+.2f}, "
+                f"{100 * (r['mean_diff'] + r['ci_diff']):+.2f}]")
+            out.append(f"| {r['ds']} / {r['model']} / {r['mode']} | {r['bs']} | "
+                       f"{r['comparison']} | {r['n']} | {mean} | {ci} | {r['verdict']} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def headline(table: pd.DataFrame) -> pd.DataFrame:
+    """Per cell, the selection the report leads with: validation where there is one."""
+    has_val = table.groupby([*GROUP, "bs", "method"])["selection"].transform(
+        lambda s: (s == "validation").any())
+    return table[(table["selection"] == "validation") | (~has_val & (table["selection"] == "test"))]
+
+
 # -- plots ---------------------------------------------------------------------------------
-def _winners(table: pd.DataFrame, trials: pd.DataFrame) -> dict[tuple, list[str]]:
-    """Trial ids of each table cell's winning configuration."""
-    points = _points(trials)
-    out = {}
-    for _, row in table.iterrows():
-        g = points[(points[GROUP + ["bs", "method"]] == row[GROUP + ["bs", "method"]]).all(axis=1)]
-        scored = g.dropna(subset=["best_mean"])
-        win = scored.loc[scored["best_mean"].idxmax()] if len(scored) else g.iloc[0]
-        out[tuple(row[GROUP + ["bs", "method"]])] = win["trial_ids"].split(",")
-    return out
+def _winners(table: pd.DataFrame) -> dict[tuple, list[str]]:
+    """Trial ids of each cell's chosen configuration (on validation where there is one)."""
+    return {tuple(row[GROUP + ["bs", "method"]]): row["trial_ids"].split(",")
+            for _, row in headline(table).iterrows()}
 
 
 def plot_curves(table, trials, epochs, out: Path) -> list[Path]:
     """Test accuracy over epochs, one line per method, one figure per batch size."""
     files = []
-    winners = _winners(table, trials)
+    winners = _winners(table)
     scored = epochs.dropna(subset=["test_acc"])
-    for key, g in table.groupby([*GROUP, "bs"], sort=True):
+    for key, g in headline(table).groupby([*GROUP, "bs"], sort=True):
         fig, ax = plt.subplots(figsize=(6, 4))
         for method in sorted(g["method"]):
             ids = winners[(*key, method)]
             rows = scored[scored["trial_id"].isin(ids)]
             stage = "linear" if key[2] == "bt" else "train"
-            curve = rows[rows["stage"] == stage].groupby("epoch")["test_acc"].mean()
+            rows = rows[rows["stage"] == stage]
+            curve = rows.groupby("epoch")["test_acc"].mean()
             if len(curve):
-                ax.plot(curve.index + 1, 100 * curve.values, marker="o", ms=3, label=method)
-        ax.set(xlabel="epoch", ylabel="test accuracy (%)",
+                line, = ax.plot(curve.index + 1, 100 * curve.values, marker="o", ms=3,
+                                label=method)
+                val = rows.dropna(subset=["val_acc"]).groupby("epoch")["val_acc"].mean()
+                if len(val):
+                    ax.plot(val.index + 1, 100 * val.values, ls="--", color=line.get_color())
+        ax.set(xlabel="epoch", ylabel="accuracy (%): test, validation dashed",
                title=f"{key[0]} {key[1]} {key[2]}, batch {key[3]}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -214,7 +349,7 @@ def plot_schedules(trials: pd.DataFrame, epochs: pd.DataFrame, out: Path) -> lis
 
 def plot_trust_ratios(table, trials, epochs, out: Path) -> list[Path]:
     """Mean per-layer trust ratio (min-max band) over epochs, LARS-family winners."""
-    winners = _winners(table, trials)
+    winners = _winners(table)
     fam = epochs.dropna(subset=["trust_ratio_mean"])
     if fam.empty:
         return []
@@ -233,12 +368,47 @@ def plot_trust_ratios(table, trials, epochs, out: Path) -> list[Path]:
     return [_save(fig, out / "trust_ratios.png")]
 
 
+def plot_layers(table: pd.DataFrame, layers: pd.DataFrame, out: Path) -> list[Path]:
+    """The paper's layer-wise analysis: each layer's trust ratio over the steps, for the first
+    seed of each cell's chosen configuration; one figure per batch size, one panel per method,
+    layers coloured from input (dark) to output (light)."""
+    if layers.empty:
+        return []
+    files = []
+    winners = _winners(table)
+    for key, g in headline(table).groupby([*GROUP, "bs"], sort=True):
+        panels = [(m, layers[layers["trial_id"] == winners[(*key, m)][0]])
+                  for m in sorted(g["method"])]
+        panels = [(m, rows) for m, rows in panels if len(rows)]
+        if not panels:
+            continue
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1, 3.8),
+                                 sharey=True, squeeze=False, layout="constrained")
+        colours = plt.get_cmap("viridis")
+        for ax, (method, rows) in zip(axes[0], panels):
+            depth = max(int(rows["layer_index"].max()), 1)
+            for index, layer in rows.groupby("layer_index"):
+                ratio = layer["trust_ratio"].where(layer["trust_ratio"] > 0)
+                ax.plot(layer["step"], ratio, color=colours(index / depth), lw=1)
+            ax.set(xlabel="step", yscale="log", title=method)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("trust ratio")
+        fig.colorbar(plt.cm.ScalarMappable(cmap=colours), ax=axes[0].tolist(),
+                     label="layer: input (0) to output (1)")
+        fig.suptitle(f"per-layer trust ratios: {key[0]} {key[1]} {key[2]}, batch {key[3]}",
+                     fontsize=10)
+        files.append(_save(fig, out / f"layers_{key[0]}_{key[1]}_{key[2]}_bs{key[3]}.png",
+                           tight=False))
+    return files
+
+
 def plot_pretrain_losses(table, trials, epochs, out: Path) -> list[Path]:
     """Barlow Twins pre-training loss over epochs, one line per method, per batch size."""
     files = []
-    winners = _winners(table, trials)
+    winners = _winners(table)
     pre = epochs[(epochs["stage"] == "pretrain") & epochs["cl_loss"].notna()]
-    for key, g in table[table["mode"] == "bt"].groupby([*GROUP, "bs"], sort=True):
+    lead = headline(table)
+    for key, g in lead[lead["mode"] == "bt"].groupby([*GROUP, "bs"], sort=True):
         fig, ax = plt.subplots(figsize=(6, 4))
         for method in sorted(g["method"]):
             rows = pre[pre["trial_id"].isin(winners[(*key, method)])]
@@ -253,8 +423,9 @@ def plot_pretrain_losses(table, trials, epochs, out: Path) -> list[Path]:
     return files
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
+def _save(fig, path: Path, tight: bool = True) -> Path:
+    if tight:  # (a figure with layout="constrained" lays itself out)
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -314,7 +485,7 @@ def provenance_markdown(store: Store, experiment: str | None, trials: pd.DataFra
 
 
 def write_report(store: Store, experiment: str | None, out: str | Path | None) -> Path:
-    """Write report.md, table.csv, points.csv and the PNGs; returns the folder."""
+    """Write report.md, table.csv, points.csv, paired.csv and the PNGs; returns the folder."""
     folder = Path(out) if out else _default_out(store, experiment)
     folder.mkdir(parents=True, exist_ok=True)
     trials = store.read_trials(experiment)
@@ -322,24 +493,29 @@ def write_report(store: Store, experiment: str | None, out: str | Path | None) -
     finished = trials[trials["status"].isin(ENDED)]
     table = paper_table(finished)
     points = _points(finished)
+    pairs = paired_differences(table, finished) if not table.empty else pd.DataFrame()
     table.to_csv(folder / "table.csv", index=False)
     points.to_csv(folder / "points.csv", index=False)
+    pairs.to_csv(folder / "paired.csv", index=False)
     counts = trials["status"].value_counts().to_dict()
     lines = [f"# Report: {experiment or 'all experiments'} ({store.uri})", "",
              f"{len(trials)} trials: " + ", ".join(f"{v} {k}" for k, v in counts.items()), "",
-             markdown_tables(table)]
+             markdown_tables(table), markdown_pairs(pairs)]
     images: list[Path] = []
     if not table.empty:
         images += plot_curves(table, finished, epochs, folder)
         images += plot_heatmaps(finished, folder)
         images += plot_schedules(finished, epochs, folder)
         images += plot_trust_ratios(table, finished, epochs, folder)
+        images += plot_layers(table, store.read_layers(experiment), folder)
         images += plot_pretrain_losses(table, finished, epochs, folder)
     provenance = provenance_markdown(store, experiment, trials)
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in images] + ["", provenance]
     text = "\n".join(lines).rstrip() + "\n"
     (folder / "report.md").write_text(text)
     print(markdown_tables(table))
+    for sentence in pairs.get("verdict", []):
+        print(sentence)
     print(provenance)
     return folder
 

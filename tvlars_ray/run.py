@@ -1,4 +1,5 @@
-"""The command line: ``python -m tvlars_ray.run {grid,optuna,trial,status,report,export}``.
+"""The command line: ``tvlars {grid,optuna,trial,status,report,export}``, the same as
+``python -m tvlars_ray.run ...``.
 
 Every setting is checked before Ray starts; a bad one ends the command with a one-line
 ``error:`` naming it, and exit status 2.
@@ -84,14 +85,16 @@ def _run_options(p: argparse.ArgumentParser) -> None:
                         "here instead of only in log files")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m tvlars_ray.run") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m tvlars_ray.run",
+        prog=prog,
         description="Large-batch training experiments with LARS, LAMB and TVLARS on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     grid = sub.add_parser("grid", help="run a grid of trials through Ray Tune")
     _sweep_options(grid)
+    grid.add_argument("--seeds", type=int, metavar="N",
+                      help="run every point with seeds 0..N-1 (overrides the space's seeds:)")
     grid.add_argument("--no-report", action="store_true",
                       help="skip the tables and plots written at the end")
 
@@ -165,6 +168,8 @@ def _resource_overrides(args: argparse.Namespace, space_fixed: dict[str, Any],
 
 def _load(args: argparse.Namespace, cluster_gpus: float = 0.0):
     space = load_space(args.space or DEFAULT_SPACE)
+    if getattr(args, "seeds", None) is not None:
+        space = space.with_seeds(args.seeds)
     overrides = parse_overrides(args.overrides)
     overrides.update(_resource_overrides(args, {**space.fixed, **overrides}, cluster_gpus))
     if "data_dir" in space.fixed:
@@ -185,7 +190,7 @@ def _sweep(args: argparse.Namespace, space) -> Any:
                  resume=args.resume, overwrite=args.overwrite,
                  max_concurrent=args.max_concurrent, address=args.address,
                  table=not args.quiet, verbose=args.verbose, loggers=tuple(args.logger or ()),
-                 provenance=collect(args.argv))
+                 provenance=collect(args.argv, args.prog))
 
 
 def _check_loggers(args: argparse.Namespace, experiment: str) -> None:
@@ -321,7 +326,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
     from .trial import run_single
 
     st = Store(args.store)
-    record = collect(args.argv)
+    record = collect(args.argv, args.prog)
     st.add_provenance(experiment, {**record, "trial_id": trial_id, "loggers": loggers})
     with contextlib.ExitStack() as stack:
         trackers = (stack.enter_context(TrialTrackers(loggers, st, experiment, trial_id,
@@ -438,10 +443,10 @@ COMMANDS = {"grid": cmd_grid, "optuna": cmd_optuna, "trial": cmd_trial, "status"
             "report": cmd_report, "export": cmd_export}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m tvlars_ray.run") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv
+    args = build_parser(prog).parse_args(argv)
+    args.argv, args.prog = argv, prog  # the command line, as provenance records it
     with contextlib.ExitStack() as args.cleanup:  # undoes _quiet when the command ends
         try:
             return COMMANDS[args.command](args)
@@ -453,6 +458,12 @@ def main(argv: list[str] | None = None) -> int:
             return 130
 
 
-if __name__ == "__main__":
+def cli(prog: str = "tvlars") -> None:
+    """The console command ``tvlars`` (pyproject.toml's [project.scripts]) and
+    ``python -m tvlars_ray.run``: one command line under two names."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(main())
+    sys.exit(main(prog=prog))
+
+
+if __name__ == "__main__":
+    cli("python -m tvlars_ray.run")

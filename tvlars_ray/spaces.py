@@ -15,7 +15,8 @@ The format (every key optional except one of ``grid`` / ``search``)::
     search:                         # Optuna distributions (instead of grid)
       lr: {loguniform: [1, 20]}     # also uniform: [lo, hi], int: [lo, hi], choice: [...]
     seeds: 3                        # seeds 0, 1, 2 for every point (or a list: [0, 7])
-    metric: test_acc                # what Optuna / ASHA optimise (with mode: max | min)
+    metric: test_acc                # what Optuna / ASHA optimise (with mode: max | min);
+                                    # val_acc / val_loss need val_subset
 
 Each block of ``grid`` is a cartesian product. Trials whose settings differ only where a
 setting cannot matter (``lmbda`` for LARS, ``warmup_epochs`` without ``lars-warm``) are the
@@ -34,9 +35,23 @@ import yaml
 
 from .config import FIELD_NAMES, ConfigError, TrialConfig, check_keys, field_type
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+def _spaces_dir() -> Path:
+    """The shipped spaces: inside the package when it is installed from a wheel (pyproject.toml
+    maps the top-level search_spaces/ folder there), else that folder beside the package in a
+    checkout (an editable install, PYTHONPATH, a Ray job's working_dir). Found from this file's
+    place rather than by importing: a checkout on PYTHONPATH must not read the spaces of another
+    checkout that an editable install maps."""
+    package = Path(__file__).resolve().parent
+    installed = package / "search_spaces"
+    return installed if installed.is_dir() else package.parent / "search_spaces"
+
+
+SPACES_DIR = _spaces_dir()
 TOP_KEYS = ("description", "experiment", "fixed", "grid", "search", "seeds", "metric", "mode")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
+# What a study may optimise: numbers every epoch reports (val_* only with a val_subset).
+METRICS = ("test_acc", "test_loss", "val_acc", "val_loss", "train_acc", "train_loss")
 
 
 @dataclass
@@ -58,6 +73,12 @@ class Space:
     @property
     def is_optuna(self) -> bool:
         return bool(self.search)
+
+    def with_seeds(self, count: int) -> Space:
+        """``grid --seeds N``: seeds 0 .. N-1 for every point, whatever the file says."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigError(f"--seeds must be a positive count, got {count!r}")
+        return Space(**{**self.__dict__, "seeds": list(range(count))})
 
     def with_overrides(self, overrides: dict[str, Any]) -> Space:
         """Apply ``--set key=value``: the value replaces the setting in every trial."""
@@ -97,6 +118,9 @@ class Space:
     def validate(self) -> None:
         if self.is_optuna:
             base = self.base_config()
+            if self.metric.startswith("val_") and base.get("val_subset") is None:
+                raise ConfigError(f"{self.name}: metric {self.metric} needs a validation split: "
+                                  f"set val_subset (images held out of training) under fixed")
             for key, (kind, args) in self.search.items():
                 ends = args if kind == "choice" else [args[0], args[1]]
                 for value in ends:
@@ -190,6 +214,9 @@ def resolve(name_or_path: str) -> Path:
     if shipped.exists():
         return shipped
     known = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
+    if not known:
+        raise ConfigError(f"no search space '{name_or_path}' and no shipped spaces in "
+                          f"{SPACES_DIR}: reinstall tvlars-ray, or give a YAML path")
     raise ConfigError(f"no search space '{name_or_path}': give a YAML path or one of: {known}")
 
 
@@ -235,13 +262,16 @@ def parse_space(data: Any, name: str, path: Path | None = None) -> Space:
     if not isinstance(seeds, list) or not seeds or not all(
             isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ConfigError(f"{name}: seeds must be a positive count or a list of integers")
+    metric = data.get("metric", "test_acc")
+    if metric not in METRICS:
+        raise ConfigError(f"{name}: unknown metric {metric!r}: use one of {', '.join(METRICS)}")
     mode = data.get("mode", "max")
     if mode not in ("max", "min"):
         raise ConfigError(f"{name}: mode must be max or min, got {mode!r}")
     fixed = {k: v for k, v in fixed.items() if k != "seed"}
     space = Space(name=name, path=path, experiment=str(data.get("experiment") or name),
                   description=str(data.get("description") or ""), fixed=fixed, grid=blocks,
-                  search=search, seeds=seeds, metric=str(data.get("metric", "test_acc")),
+                  search=search, seeds=seeds, metric=metric,
                   mode=mode)
     space.validate()
     return space

@@ -4,6 +4,7 @@ Layout under the store root (a local folder or a ``pyarrow.fs`` URI such as ``s3
 
     <root>/<experiment>/epochs/<trial_id>/<stage>-<epoch>.parquet   one row each
     <root>/<experiment>/trials/<trial_id>.parquet                   one row each, replaced
+    <root>/<experiment>/layers/<trial_id>/<stage>-<epoch>.parquet   per-layer history
     <root>/<experiment>/grid.json, provenance.json                   the grid, the commands
     <root>/<experiment>/tune/, train/                               Ray's own state
 
@@ -75,6 +76,10 @@ EPOCH_COLUMNS = [
     ("test_acc5", pa.float64(), "fraction", "top-5 accuracy (datasets with more than 10 classes)"),
     ("train_samples", pa.int64(), "images", "training samples stepped over, all ranks"),
     ("test_samples", pa.int64(), "images", "test images evaluated, all ranks (the whole set)"),
+    ("val_loss", pa.float64(), "nats", "mean loss over the validation images held out of the "
+     "training set (val_subset)"),
+    ("val_acc", pa.float64(), "fraction", "top-1 accuracy over those validation images"),
+    ("val_samples", pa.int64(), "images", "validation images evaluated, all ranks"),
     ("cl_loss", pa.float64(), "", "Barlow Twins loss (pretrain stage)"),
     ("lr_now", pa.float64(), "", "learning rate of the last step of the epoch"),
     ("epoch_time_s", pa.float64(), "s", "wall time of the epoch, evaluation included"),
@@ -118,6 +123,8 @@ TRIAL_COLUMNS = [
     ("best_test_acc", pa.float64(), "fraction", "highest test_acc of any epoch"),
     ("best_epoch", pa.int64(), "epochs", "epoch of best_test_acc"),
     ("final_test_acc", pa.float64(), "fraction", "test_acc of the last epoch"),
+    ("best_val_acc", pa.float64(), "fraction", "highest val_acc of any epoch (with val_subset)"),
+    ("final_val_acc", pa.float64(), "fraction", "val_acc of the last epoch (with val_subset)"),
     ("wall_time_s", pa.float64(), "s", "time from the trial's first start to its last update"),
     ("node_ip", pa.string(), "", "address of the node that ran the trial's driver"),
     ("node_id", pa.string(), "", "Ray node id of the node that ran the trial's driver"),
@@ -130,13 +137,33 @@ TRIAL_COLUMNS = [
 ]
 
 
+LAYER_COLUMNS = [
+    ("experiment", pa.string(), "", "experiment name"),
+    ("trial_id", pa.string(), "", "the trial the row belongs to"),
+    ("stage", pa.string(), "", "train, pretrain or linear"),
+    ("epoch", pa.int64(), "epochs", "0-based epoch within the stage"),
+    ("step", pa.int64(), "steps", "the optimizer step (1-based within the stage) after which "
+     "the values were read"),
+    ("layer", pa.string(), "", "the parameter's name in the model (model.named_parameters())"),
+    ("layer_index", pa.int64(), "", "its position among the adapted parameters, input first"),
+    ("numel", pa.int64(), "elements", "the parameter's size"),
+    ("trust_ratio", pa.float64(), "", "the layer's trust ratio in that step (TVLARS: phi "
+     "included)"),
+    ("weight_norm", pa.float64(), "", "L2 norm of the weights before that step, unclipped"),
+    ("update_norm", pa.float64(), "", "L2 norm of the direction the ratio scales, unclipped: "
+     "g + wd * w (LARS, TVLARS), Adam's direction + wd * w (LAMB)"),
+    ("lr_now", pa.float64(), "", "the learning rate of that step"),
+]
+
+
 def _schema(columns: Iterable[tuple]) -> pa.Schema:
     return pa.schema([pa.field(name, typ) for name, typ, *_ in columns])
 
 
 EPOCH_SCHEMA = _schema(IDENTITY_COLUMNS + CONFIG_COLUMNS + EPOCH_COLUMNS)
 TRIAL_SCHEMA = _schema(IDENTITY_COLUMNS + CONFIG_COLUMNS + TRIAL_COLUMNS)
-SCHEMA = {"epochs": EPOCH_SCHEMA, "trials": TRIAL_SCHEMA}
+LAYER_SCHEMA = _schema(LAYER_COLUMNS)
+SCHEMA = {"epochs": EPOCH_SCHEMA, "trials": TRIAL_SCHEMA, "layers": LAYER_SCHEMA}
 
 
 class StoreError(UserError, RuntimeError):
@@ -235,6 +262,16 @@ class Store:
         table = pa.Table.from_pylist([row], schema=EPOCH_SCHEMA)
         name = f"{stage}-{int(row['epoch']):05d}.parquet"
         self._write(table, experiment, "epochs", trial_id, name)
+
+    def write_layers(self, experiment: str, trial_id: str, stage: str, epoch: int,
+                     columns: dict[str, list]) -> None:
+        """Store one epoch's per-layer history of a trial (one row per step and layer); a
+        re-run epoch replaces its file, so each (trial, stage, step, layer) is stored once."""
+        n = len(columns["step"])
+        table = pa.Table.from_pydict({"experiment": [experiment] * n, "trial_id": [trial_id] * n,
+                                      "stage": [stage] * n, "epoch": [int(epoch)] * n,
+                                      **columns}, schema=LAYER_SCHEMA)
+        self._write(table, experiment, "layers", trial_id, f"{stage}-{int(epoch):05d}.parquet")
 
     def write_trial(self, experiment: str, trial_id: str, cfg: TrialConfig, status: str,
                     error: str | None = None, here: bool = False,
@@ -342,11 +379,13 @@ class Store:
         return self.read_epoch_files(self.epoch_files(experiment, trial_id))
 
     def summary(self, experiment: str, trial_id: str) -> dict[str, Any]:
-        """epochs_done, best_test_acc, best_epoch and final_test_acc from the stored epochs,
-        and where they ran: the hosts of every epoch, the GPUs, CUDA and cuDNN of the last."""
+        """epochs_done, best_test_acc, best_epoch, final_test_acc, best_val_acc and
+        final_val_acc from the stored epochs, and where they ran: the hosts of every epoch,
+        the GPUs, CUDA and cuDNN of the last."""
         epochs = self.trial_epochs(experiment, trial_id)
         summary: dict[str, Any] = {"epochs_done": len(epochs), "best_test_acc": None,
                                    "best_epoch": None, "final_test_acc": None,
+                                   "best_val_acc": None, "final_val_acc": None,
                                    **{name: None for name, *_ in PLACE_COLUMNS}}
         if len(epochs):
             last = epochs.iloc[-1]
@@ -359,12 +398,24 @@ class Store:
             best = scored.loc[scored["test_acc"].idxmax()]
             summary.update(best_test_acc=float(best["test_acc"]), best_epoch=int(best["epoch"]),
                            final_test_acc=float(scored["test_acc"].iloc[-1]))
+        validated = epochs.dropna(subset=["val_acc"])
+        if len(validated):
+            summary.update(best_val_acc=float(validated["val_acc"].max()),
+                           final_val_acc=float(validated["val_acc"].iloc[-1]))
         return summary
 
     def read_epochs(self, experiment: str | None = None) -> pd.DataFrame:
         names = [experiment] if experiment else self.experiments()
         files = [f for name in names for f in self._files(self.path(name, "epochs"))]
         return _in_order(self._read(files, EPOCH_SCHEMA))
+
+    def read_layers(self, experiment: str | None = None) -> pd.DataFrame:
+        """One row per (trial, stage, step, layer), in that order."""
+        names = [experiment] if experiment else self.experiments()
+        files = [f for name in names for f in self._files(self.path(name, "layers"))]
+        return (self._read(files, LAYER_SCHEMA)
+                .sort_values(["experiment", "trial_id", "stage", "step", "layer_index"])
+                .reset_index(drop=True))
 
     def read_trials(self, experiment: str | None = None) -> pd.DataFrame:
         names = [experiment] if experiment else self.experiments()
@@ -388,3 +439,8 @@ def read_epochs(store: str, experiment: str | None = None) -> pd.DataFrame:
 def read_trials(store: str, experiment: str | None = None) -> pd.DataFrame:
     """Exactly one row per trial: its latest status and summary."""
     return Store(store).read_trials(experiment)
+
+
+def read_layers(store: str, experiment: str | None = None) -> pd.DataFrame:
+    """The per-layer history: one row per (trial, stage, step, layer)."""
+    return Store(store).read_layers(experiment)

@@ -23,13 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from .cluster import Plan, check_shared_store, cluster_nodes, connect, plan
-from .compat import wait_until_tune_took_the_reports
+from .compat import TrainToTune, wait_until_tune_took_the_reports
 from .config import FIELD_NAMES, ConfigError, TrialConfig, field_type, varying_keys
 from .console import pct, render_table
 from .errors import UserError
@@ -38,6 +37,14 @@ from .provenance import trial_columns
 from .store import Store, config_columns
 from .trackers import tune_callbacks
 from .trial import expected_epochs, final_status, fit_trial, one_line
+
+# A trial's driver is a process that imports Tune, Ray Train and torch (seconds on a laptop);
+# Tune hands it the next trial instead of starting a new one. Each trial still builds its own
+# TorchTrainer (controller, workers, DDP group): only the driver's process is reused. Not under
+# a scheduler that stops trials early (ASHA): Tune then gives the stopped trial's thread 2 s to
+# end before handing its process on, a TorchTrainer takes longer to wind down, and Tune fails
+# the next trial ("Could not re-use actor") instead of starting a new process for it.
+REUSE_DRIVERS = True
 
 
 class SweepError(UserError, RuntimeError):
@@ -151,7 +158,7 @@ def train_driver_fn(config: dict[str, Any], store: str, experiment: str,
     """One Tune trial, run in its driver process: one TorchTrainer run, its reports forwarded
     to Tune. ``config`` holds the trial's settings (see :func:`tune_settings`)."""
     fit_trial(settings_from_tune(config), store, experiment,
-              tune.get_context().get_trial_id(), callbacks=[TuneReportCallback()],
+              tune.get_context().get_trial_id(), callbacks=[TrainToTune()],
               record_failure=False, provenance=provenance)
     wait_until_tune_took_the_reports()  # else Ray 2.60 may hang: see there
 
@@ -393,7 +400,8 @@ def run_grid(trials: Sequence[TrialConfig], sweep: Sweep) -> tune.ResultGrid:
         trainable,
         param_space=grid_space(grid),
         tune_config=tune.TuneConfig(max_concurrent_trials=plan_.concurrency,
-                                    trial_name_creator=names, trial_dirname_creator=names),
+                                    reuse_actors=REUSE_DRIVERS, trial_name_creator=names,
+                                    trial_dirname_creator=names),
         run_config=_run_config(st, sweep),
     )
     return tuner.fit()
@@ -425,7 +433,8 @@ def run_optuna(space, num_samples: int, sweep: Sweep, seed: int = 0,
         tune_config=tune.TuneConfig(
             search_alg=_OptunaWithSettings(base, seed=seed), scheduler=scheduler,
             num_samples=num_samples, metric=space.metric, mode=space.mode,
-            max_concurrent_trials=plan_.concurrency, trial_name_creator=names,
+            max_concurrent_trials=plan_.concurrency,
+            reuse_actors=REUSE_DRIVERS and scheduler is None, trial_name_creator=names,
             trial_dirname_creator=names),
         run_config=_run_config(st, sweep),
     )

@@ -11,9 +11,9 @@ from typing import Any
 
 import pandas as pd
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from .cluster import cluster_nodes, connect, plan, worker_resources
+from .compat import TorchTrainer
 from .config import TrialConfig
 from .store import Store
 from .train import train_fn_per_worker

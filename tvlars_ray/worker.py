@@ -28,13 +28,14 @@ from typing import Any
 
 import numpy as np
 import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from . import compat
 from .config import TrialConfig
+from .layer_history import LayerHistory
 from .monitor import TrialMetrics
 from .provenance import describe_places, worker_place
 from .store import Store, node_id, node_ip
@@ -82,11 +83,13 @@ class Worker:
 
     @classmethod
     def current(cls, cfg: TrialConfig) -> Worker:
-        ctx = ray.train.get_context()
-        device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+        ctx = compat.train_context()
+        device = compat.train_device() if cfg.use_gpu else torch.device("cpu")
         on_gpu = device.type == "cuda"
         if on_gpu:
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels
+        if on_gpu and cfg.gpus_per_worker < 1:  # a shared GPU: stay within this trial's share
+            torch.cuda.set_per_process_memory_fraction(cfg.gpus_per_worker, device)
         amp = cfg.amp == "bf16" or (cfg.amp == "auto" and on_gpu)
         channels_last = on_gpu if cfg.channels_last is None else cfg.channels_last
         return cls(ctx.get_world_rank(), ctx.get_world_size(), device, amp, channels_last)
@@ -105,7 +108,7 @@ class Worker:
 
     def all_sum(self, values: torch.Tensor) -> list[float]:
         """Sum a small vector over all ranks and bring it to the host (one sync)."""
-        if self.distributed:
+        if self.distributed and self.world > 1:
             dist.all_reduce(values)
         return values.tolist()
 
@@ -169,8 +172,18 @@ class Recorder:
         if self.attempt[moment] is None:
             self.attempt[moment] = _utc(time.time())
 
-    def record(self, stage: str, epoch: int, metrics: dict[str, Any]) -> None:
+    def layer_history(self, stage: Stage, every: int | None) -> LayerHistory | None:
+        """Rank 0 keeps the per-layer history of a LARS-family optimizer; nobody else does."""
+        if self.store is None or not LayerHistory.applies(stage.optimizer):
+            return None
+        return LayerHistory(stage.optimizer, unwrap(stage.model), every)
+
+    def record(self, stage: str, epoch: int, metrics: dict[str, Any],
+               history: LayerHistory | None = None) -> None:
         if self.store is not None:
+            layers = history.take() if history is not None else None
+            if layers:
+                self.store.write_layers(self.experiment, self.trial_id, stage, epoch, layers)
             row = {"stage": stage, "epoch": epoch, "world_size": self.worker.world,
                    "backend": dist.get_backend() if self.worker.distributed else None,
                    "precision": "bf16" if self.worker.amp else "fp32",
@@ -189,19 +202,20 @@ def report(worker: Worker, metrics: dict[str, Any], state: dict[str, Any] | None
     ordered = {k: metrics[k] for k in LEADING_METRICS if k in metrics}
     ordered.update(metrics)
     numbers = {k: v for k, v in ordered.items() if v is not None and not isinstance(v, str)}
-    if metrics.get("diverged"):
+    if metrics.get("diverged"):  # (val_acc too: a study may optimise it)
         numbers.setdefault("test_acc", float("nan"))
+        numbers.setdefault("val_acc", float("nan"))
     if state is None or worker.rank != 0:
-        ray.train.report(numbers)
+        compat.train_report(numbers)
         return
     with tempfile.TemporaryDirectory() as folder:
         torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
-        ray.train.report(numbers, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        compat.train_report(numbers, ray.train.Checkpoint.from_directory(folder))
 
 
 def load_checkpoint(device: torch.device) -> dict[str, Any] | None:
     """The trial's latest checkpoint (any stage), or None on a fresh start."""
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = compat.train_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
@@ -217,10 +231,19 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def prepare_model(model: nn.Module, worker: Worker, compile: bool) -> nn.Module:
     """Memory layout, device and DDP wrapper, then ``torch.compile`` if asked: every mode's
-    models go through here, so each honours the same settings."""
+    models go through here, so each honours the same settings.
+
+    What ``ray.train.torch.prepare_model`` does for DDP, written out (see compat's note)."""
     if worker.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model, move_to_device=worker.device)
+    if worker.device.type == "cuda":
+        torch.cuda.set_device(worker.device)
+    model = model.to(worker.device)
+    if worker.world > 1:
+        on_gpu = worker.device.type == "cuda"
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[worker.device] if on_gpu else None,
+            output_device=worker.device if on_gpu else None)
     return torch.compile(model) if compile else model
 
 
@@ -271,8 +294,11 @@ def train_epoch(model: nn.Module, loader, optimizer, schedule, worker: Worker) -
             "train_samples": int(count)}
 
 
-def evaluate(model: nn.Module, loader, worker: Worker, topk5: bool) -> dict[str, float]:
-    """Loss and accuracy over the whole test set: each rank its disjoint shard, then summed."""
+def evaluate(model: nn.Module, loader, worker: Worker, topk5: bool,
+             split: str = "test") -> dict[str, float]:
+    """Loss and accuracy over a whole evaluation set (``split``: test, or val for the images
+    held out of training): each rank its disjoint shard, then summed. Top-5 is kept for the
+    test set only."""
     net = unwrap(model)
     net.eval()
     tally = worker.tally(3)
@@ -283,8 +309,11 @@ def evaluate(model: nn.Module, loader, worker: Worker, topk5: bool) -> dict[str,
             tally.add(len(y), F.cross_entropy(out, y, reduction="sum"), (top[:, 0] == y).sum(),
                       (top == y[:, None]).any(1).sum())
     (loss, correct, correct5), count = tally.total()
-    return {"test_loss": loss / count, "test_acc": correct / count,
-            "test_acc5": correct5 / count if topk5 else None, "test_samples": int(count)}
+    out = {f"{split}_loss": loss / count, f"{split}_acc": correct / count,
+           f"{split}_samples": int(count)}
+    if split == "test":
+        out["test_acc5"] = correct5 / count if topk5 else None
+    return out
 
 
 # -- the one epoch loop ----------------------------------------------------------------------
@@ -343,10 +372,14 @@ def run_stage(stage: Stage, worker: Worker, cfg: TrialConfig, recorder: Recorder
     """
     start = stage.restore(state) if state is not None else 0
     recorder.mark("loop_started_at")
+    history = recorder.layer_history(stage, cfg.layer_every)
+    diverged = False
     for epoch in range(start, stage.epochs):
         began = time.perf_counter()
         torch.manual_seed(epoch_seed(cfg.seed, stage.seed_offset + epoch, worker.rank))
         stage.loader.set_epoch(epoch)
+        if history is not None:
+            history.start_epoch(stage.schedule.last_epoch)
         timing: dict[str, Any] = {"first_step_s": None}
         metrics = stage.one_epoch(timed_batches(stage.loader, worker.device, timing))
         metrics.update(timing)
@@ -358,9 +391,11 @@ def run_stage(stage: Stage, worker: Worker, cfg: TrialConfig, recorder: Recorder
         metrics.update(epoch=epoch, step=stage.schedule.last_epoch, diverged=diverged,
                        epoch_time_s=time.perf_counter() - began,
                        samples_per_s=metrics["train_samples"] / max(train_time, 1e-9))
-        recorder.record(stage.name, epoch, metrics)
+        recorder.record(stage.name, epoch, metrics, history)
         due = not diverged and checkpoint_due(epoch, stage.epochs, cfg.checkpoint_every)
         report(worker, metrics, stage.checkpoint(epoch) if due else None)
         if diverged:
-            return False
-    return True
+            break
+    if history is not None:
+        history.close()
+    return not diverged

@@ -5,7 +5,8 @@
 #   2. runs the tests marked `gpu` (no host syncs in the training and Barlow Twins steps, the
 #      optimizers' CUDA steps, the device loader on the GPU),
 #   3. runs one Ray Tune grid of 2 short trials, each a TorchTrainer with 1 GPU worker (NCCL),
-#      and checks the store: both completed, backend nccl, GPU throughput recorded,
+#      and checks the store: both completed, backend nccl, GPU throughput recorded; then 4
+#      trials sharing the GPU (0.25 each) and their aggregate images/s against one alone,
 #   4. runs bench/throughput.py on the GPU: ResNet-18 (CIFAR and ImageNet stems) at batch 512,
 #      device-resident loader vs DataLoader, bf16 vs fp32, and the loaders alone.
 # Everything it prints is the evidence; it also leaves logs under $OUT when that is set.
@@ -52,7 +53,7 @@ fixed: {ds: synthetic, train_subset: 20000, test_subset: 2000, model: resnet18, 
 grid:
   opt: {lars: {lr: 4.0}, tvlars: {lr: 4.0, lmbda: 1.0e-3}}
 YAML
-timeout 240 "$python" -m tvlars_ray.run grid --space "$space" --store "$out/store" \
+timeout 150 "$python" -m tvlars_ray.run grid --space "$space" --store "$out/store" \
   --overwrite --workers-per-trial 1 --gpus-per-worker 1 --cpus-per-worker 4 --no-report \
   2>&1 | tee "$out/grid.log" | grep -v "^\s*$" | tail -30
 [ "${PIPESTATUS[0]}" -eq 0 ] || fail "grid"
@@ -68,8 +69,27 @@ assert set(epochs["backend"]) == {"nccl"}, "DDP on NCCL"
 assert trials["use_gpu"].all()
 PY
 
+step "2b. four trials packed on the one GPU (--gpus-per-worker 0.25) against one trial alone"
+space="$out/gpu-pack.yaml"
+cat >"$space" <<'YAML'
+description: device check - 4 trials sharing one GPU
+experiment: gpu-pack
+fixed: {ds: synthetic, train_subset: 50000, test_subset: 2000, model: resnet18, stem: cifar,
+        epochs: 6, bs: 512, wd: 5.0e-4, sd: none, opt: lars}
+grid:
+  lr: [1.0, 2.0, 3.0, 4.0]
+YAML
+timeout 60 "$python" -m tvlars_ray.run grid --space "$space" --store "$out/store" \
+  --overwrite --workers-per-trial 1 --gpus-per-worker 0.25 --cpus-per-worker 3 --no-report \
+  --dry-run 2>&1 | grep -E "trials per GPU|at a time" || fail "pack plan"
+timeout 150 "$python" -m tvlars_ray.run grid --space "$space" --store "$out/store" \
+  --overwrite --workers-per-trial 1 --gpus-per-worker 0.25 --cpus-per-worker 3 --no-report \
+  2>&1 | tee "$out/pack.log" | grep -v "^\s*$" | tail -12
+[ "${PIPESTATUS[0]}" -eq 0 ] || fail "packed grid"
+"$python" bench/device/packed.py "$out/store" || fail "packed figures"
+
 step "3. throughput on the GPU"
-timeout 300 "$python" bench/throughput.py --device cuda --synthetic 2>&1 \
+timeout 200 "$python" bench/throughput.py --device cuda --synthetic 2>&1 \
   | tee "$out/throughput.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || fail "throughput"
 

@@ -19,15 +19,20 @@ from .decode import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageSet,
+    Splits,
     dataset_stats,
     decode_image,
+    hold_out,
     load_dataset,
+    load_splits,
     stratified_indices,
     stratified_subset,
+    validation_indices,
 )
 from .loaders import (
     DeviceLoader,
     EpochLoader,
+    Loaders,
     Streamed,
     Transformed,
     build_loaders,
@@ -51,10 +56,11 @@ from .synthetic import synthetic_arrays
 
 __all__ = [
     "DATASETS", "FOLDER_DATASETS", "IMAGENET_MEAN", "IMAGENET_STD", "Archive", "BatchAugment",
-    "DataError", "DeviceLoader", "EpochLoader", "ImageSet", "Layout", "Streamed", "Transformed",
+    "DataError", "DeviceLoader", "EpochLoader", "ImageSet", "Layout", "Loaders", "Splits",
+    "Streamed", "Transformed",
     "build_loaders", "cache_dir", "check_trial", "check_trials", "cost_estimate", "data_root",
     "dataset_stats", "decode_image", "default_data_dir", "ensure_available", "find_layout",
-    "folder_source", "imagenet_transform", "in_memory_dataset", "load_dataset",
-    "stratified_indices", "stratified_subset", "streamed_folders", "streams_from_disk",
-    "synthetic_arrays", "torch_transform",
+    "folder_source", "imagenet_transform", "hold_out", "in_memory_dataset",
+    "load_dataset", "load_splits", "stratified_indices", "stratified_subset", "streamed_folders",
+    "streams_from_disk", "synthetic_arrays", "torch_transform", "validation_indices",
 ]

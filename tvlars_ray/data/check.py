@@ -17,10 +17,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .cifar import CIFAR, find_cifar
-from .decode import decoded, mixed_sizes, survey
+from .decode import check_hold_out, decoded, mixed_sizes, survey
 from .loaders import streams_from_disk
 from .sources import FOLDER_DATASETS, DataError, data_root, find_layout
 
@@ -43,7 +44,7 @@ def check_trials(trials: Iterable[Any]) -> None:
     seen = set()
     for cfg in trials:
         key = (cfg.ds, cfg.data_dir, streams_from_disk(cfg), cfg.mode, cfg.use_gpu,
-               cfg.train_subset, cfg.test_subset)
+               cfg.train_subset, cfg.test_subset, cfg.val_subset)
         if key not in seen:
             seen.add(key)
             check_trial(cfg)
@@ -55,16 +56,20 @@ def check_trial(cfg: Any) -> None:
     if cfg.ds == "synthetic":
         return
     if streams_from_disk(cfg):
-        survey(find_layout(cfg.ds, cfg.data_dir))
+        layout = find_layout(cfg.ds, cfg.data_dir)
+        check_hold_out(cfg.val_subset, len(layout.train))
+        survey(layout)
         return
     if cfg.ds in FOLDER_DATASETS:
         layout = find_layout(cfg.ds, cfg.data_dir)
+        check_hold_out(cfg.val_subset, len(layout.train))
         sizes = survey(layout)
         if len(sizes) > 1:
             raise mixed_sizes(layout, sizes, _one_size_fix(cfg))
         (width, height), = sizes
         _check_fits(cfg, layout.path, len(layout.train), len(layout.test), 3 * width * height)
-    decoded(cfg.ds, cfg.data_dir)
+    folder = decoded(cfg.ds, cfg.data_dir)
+    check_hold_out(cfg.val_subset, len(np.load(folder / "train_labels.npy", mmap_mode="r")))
 
 
 def _one_size_fix(cfg: Any) -> str:

@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,6 +41,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 _CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+# The seeded draws of a trial's data: train_subset uses the seed, test_subset seed + 1, the
+# validation hold-out seed + 2 (so the three never share a random stream).
+VAL_SEED_OFFSET = 2
 
 
 @dataclass
@@ -70,21 +74,68 @@ class ImageSet:
         return tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).tolist())
 
 
+class Splits(NamedTuple):
+    """A trial's data: what it trains on, what it is tested on, and what it is validated on
+    (held out of the training set; None without ``val_subset``)."""
+
+    train: ImageSet
+    test: ImageSet
+    val: ImageSet | None
+
+
+def load_splits(ds: str, data_dir: str | None, seed: int, train_subset: int | None = None,
+                test_subset: int | None = None, val_subset: int | None = None) -> Splits:
+    """A dataset as uint8 tensors: first ``val_subset`` training images held out for
+    validation (stratified, drawn with the seed), then seeded stratified subsets of the
+    training images left and of the test set. Training and validation never share an image,
+    and the same seed gives the same three sets."""
+    if ds == "synthetic":  # generated at the size asked, the hold-out included
+        classes = tuple(str(c) for c in range(10))
+        n_train = (train_subset or SYNTHETIC_SIZES["train"]) + (val_subset or 0)
+        full = ImageSet(*synthetic_arrays(n_train, seed, "train"), classes)
+        test = ImageSet(*synthetic_arrays(test_subset or SYNTHETIC_SIZES["test"], seed, "test"),
+                        classes)
+    elif ds in DATASETS:
+        full, test = read_cache(decoded(ds, data_dir))
+        test = stratified_subset(test, test_subset, seed + 1)
+    else:
+        raise DataError(f"unknown dataset '{ds}': choose one of {', '.join(DATASETS)}")
+    train, val = hold_out(full, val_subset, seed + VAL_SEED_OFFSET)
+    return Splits(stratified_subset(train, train_subset, seed), test, val)
+
+
 def load_dataset(ds: str, data_dir: str | None, seed: int,
                  train_subset: int | None = None,
                  test_subset: int | None = None) -> tuple[ImageSet, ImageSet]:
-    """Both splits of a dataset as uint8 tensors, with seeded stratified subsets."""
-    if ds == "synthetic":
-        sets = []
-        for split, n in (("train", train_subset), ("test", test_subset)):
-            images, labels = synthetic_arrays(n or SYNTHETIC_SIZES[split], seed, split)
-            sets.append(ImageSet(images, labels, tuple(str(c) for c in range(10))))
-        return sets[0], sets[1]
-    if ds not in DATASETS:
-        raise DataError(f"unknown dataset '{ds}': choose one of {', '.join(DATASETS)}")
-    train, test = read_cache(decoded(ds, data_dir))
-    return (stratified_subset(train, train_subset, seed),
-            stratified_subset(test, test_subset, seed + 1))
+    """The training and test sets, with seeded stratified subsets (no validation hold-out)."""
+    train, test, _ = load_splits(ds, data_dir, seed, train_subset, test_subset)
+    return train, test
+
+
+def hold_out(data: ImageSet, n: int | None, seed: int) -> tuple[ImageSet, ImageSet | None]:
+    """(the rest, a stratified validation set of ``n`` images drawn with ``seed``)."""
+    if n is None:
+        return data, None
+    rest, val = validation_indices(data.labels, data.num_classes, n, seed)
+    return data.subset(rest), data.subset(val)
+
+
+def validation_indices(labels: torch.Tensor, num_classes: int, n: int,
+                       seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted indices of the images kept for training and of the ``n`` held out (stratified,
+    seeded): disjoint, and together every image."""
+    check_hold_out(n, len(labels))
+    val = stratified_indices(labels, num_classes, n, seed)
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[val] = False
+    return keep.nonzero().squeeze(1), val
+
+
+def check_hold_out(val_subset: int | None, n_train: int) -> None:
+    """A validation set must leave images to train on."""
+    if val_subset is not None and val_subset >= n_train:
+        raise DataError(f"val_subset {val_subset} would hold out all {n_train} training "
+                        f"images: hold out fewer")
 
 
 def stratified_subset(data: ImageSet, n: int | None, seed: int) -> ImageSet:

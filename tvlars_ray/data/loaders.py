@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -21,12 +21,14 @@ from .augment import BatchAugment, imagenet_transform, torch_transform
 from .decode import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    VAL_SEED_OFFSET,
     ImageSet,
     dataset_stats,
     decode_image,
-    load_dataset,
+    load_splits,
     stratified_indices,
     survey,
+    validation_indices,
 )
 from .sources import FOLDER_DATASETS, Layout, find_layout
 
@@ -132,19 +134,29 @@ class Streamed(torch.utils.data.Dataset):
 
 
 def streamed_folders(ds: str, data_dir: str | None, seed: int, train_subset: int | None,
-                     test_subset: int | None, norm: str):
+                     test_subset: int | None, norm: str, val_subset: int | None = None):
     """Image folders read from disk image by image (for ``loader="torch"``): nothing is
-    decoded up front, so the data need not fit in memory. Returns the two splits as
-    (dataset, index) pairs, the class count, the normalisation statistics and the images'
-    (height, width), or None for ImageNet and sets of several sizes (from a sample)."""
+    decoded up front, so the data need not fit in memory. Returns the train, test and
+    validation splits as (dataset, index) pairs (validation None without ``val_subset``;
+    drawn as :func:`~tvlars_ray.data.decode.load_splits` draws it), the class count, the
+    normalisation statistics and the images' (height, width), or None for ImageNet and sets
+    of several sizes (from a sample)."""
     layout = find_layout(ds, data_dir)
-    splits = []
-    for split, n, offset in (("train", train_subset, 0), ("test", test_subset, 1)):
-        full = Streamed(layout, split)
-        index = (stratified_indices(full.labels, len(layout.classes), n, seed + offset)
-                 if n and n < len(full) else torch.arange(len(full)))
-        splits.append((full, index))
-    (train, train_index), (test, test_index) = splits
+    classes = len(layout.classes)
+
+    def subset(labels: torch.Tensor, n: int | None, seed: int) -> torch.Tensor:
+        if not n or n >= len(labels):
+            return torch.arange(len(labels))
+        return stratified_indices(labels, classes, n, seed)
+
+    train, test = Streamed(layout, "train"), Streamed(layout, "test")
+    train_index, val = torch.arange(len(train)), None
+    if val_subset is not None:
+        train_index, val_index = validation_indices(train.labels, classes, val_subset,
+                                                    seed + VAL_SEED_OFFSET)
+        val = (train, val_index)
+    train_index = train_index[subset(train.labels[train_index], train_subset, seed)]
+    test_index = subset(test.labels, test_subset, seed + 1)
     sizes = survey(layout)
     size = None if ds == "imagenet" or len(sizes) > 1 else next(iter(sizes))[::-1]
     if norm == "imagenet" or ds == "imagenet":
@@ -160,7 +172,7 @@ def streamed_folders(ds: str, data_dir: str | None, seed: int, train_subset: int
             count += len(pixels)
         mean = total / count
         stats = (tuple(mean.tolist()), tuple(np.sqrt(squares / count - mean ** 2).tolist()))
-    return (train, train_index), (test, test_index), len(layout.classes), stats, size
+    return (train, train_index), (test, test_index), val, classes, stats, size
 
 
 class EpochLoader:
@@ -205,36 +217,55 @@ def _torch_loader(cfg: Any, rank: int, world: int, device: torch.device, source,
     return EpochLoader(loader, device, sampler if train else None)
 
 
-def build_loaders(cfg: Any, rank: int, world: int, device: torch.device):
-    """Train and test batch iterables for this rank, plus the number of classes.
+class Loaders(NamedTuple):
+    """A rank's batch iterables: training, test and validation (None without a hold-out)."""
+
+    train: Any
+    test: Any
+    val: Any
+    num_classes: int
+
+
+def build_loaders(cfg: Any, rank: int, world: int, device: torch.device) -> Loaders:
+    """Train, test and validation batch iterables for this rank, and the number of classes.
 
     ``cfg`` is a trial's settings (a TrialConfig, or anything with its ``ds``, ``data_dir``,
-    ``seed``, ``train_subset``, ``test_subset``, ``norm``, ``loader``, ``loader_workers``,
-    ``mode`` and ``bs``); ``bs`` is the global batch, split evenly over the ``world`` ranks.
-    Images of one size get the reference augmentation; ImageNet, and folders of several
-    sizes (streamed), the ImageNet pipeline at 224x224.
+    ``seed``, ``train_subset``, ``test_subset``, ``val_subset``, ``norm``, ``loader``,
+    ``loader_workers``, ``mode`` and ``bs``); ``bs`` is the global batch, split evenly over
+    the ``world`` ranks. Images of one size get the reference augmentation; ImageNet, and
+    folders of several sizes (streamed), the ImageNet pipeline at 224x224. Validation images
+    are evaluated as test images are: unaugmented, each once over the ranks.
     """
     per_worker = cfg.bs // world
     if streams_from_disk(cfg):
-        train, test, num_classes, (mean, std), size = streamed_folders(
-            cfg.ds, cfg.data_dir, cfg.seed, cfg.train_subset, cfg.test_subset, cfg.norm)
+        train, test, val, num_classes, (mean, std), size = streamed_folders(
+            cfg.ds, cfg.data_dir, cfg.seed, cfg.train_subset, cfg.test_subset, cfg.norm,
+            cfg.val_subset)
     else:
-        train_set, test_set = load_dataset(cfg.ds, cfg.data_dir, cfg.seed, cfg.train_subset,
-                                           cfg.test_subset)
-        mean, std = dataset_stats(cfg.ds, cfg.norm, train_set)
-        num_classes, size = train_set.num_classes, tuple(train_set.images.shape[-2:])
+        splits = load_splits(cfg.ds, cfg.data_dir, cfg.seed, cfg.train_subset, cfg.test_subset,
+                             cfg.val_subset)
+        mean, std = dataset_stats(cfg.ds, cfg.norm, splits.train)
+        num_classes = splits.train.num_classes
+        size = tuple(splits.train.images.shape[-2:])
         if cfg.loader == "device":
-            train_loader = DeviceLoader(train_set, per_worker, BatchAugment(mean, std), device,
-                                        rank, world, cfg.seed, shuffle=True)
-            test_loader = DeviceLoader(test_set, per_worker, BatchAugment(mean, std, train=False),
-                                       device, rank, world, cfg.seed, shuffle=False)
-            return train_loader, test_loader, num_classes
-        train = (in_memory_dataset(train_set), torch.arange(len(train_set)))
-        test = (in_memory_dataset(test_set), torch.arange(len(test_set)))
+            def evaluation(data: ImageSet | None) -> DeviceLoader | None:
+                return None if data is None else DeviceLoader(
+                    data, per_worker, BatchAugment(mean, std, train=False), device, rank,
+                    world, cfg.seed, shuffle=False)
+
+            train_loader = DeviceLoader(splits.train, per_worker, BatchAugment(mean, std),
+                                        device, rank, world, cfg.seed, shuffle=True)
+            return Loaders(train_loader, evaluation(splits.test), evaluation(splits.val),
+                           num_classes)
+        train, test, val = ((in_memory_dataset(s), torch.arange(len(s))) if s is not None
+                            else None for s in splits)
     loaders = []
-    for source, is_train in ((train, True), (test, False)):
+    for source, is_train in ((train, True), (test, False), (val, False)):
+        if source is None:
+            loaders.append(None)
+            continue
         transform = (imagenet_transform(mean, std, is_train) if size is None
                      else torch_transform(mean, std, size, is_train))
         loaders.append(_torch_loader(cfg, rank, world, device, source, transform, per_worker,
                                      is_train))
-    return loaders[0], loaders[1], num_classes
+    return Loaders(*loaders, num_classes)
