@@ -1,7 +1,11 @@
 """The command line refuses bad input before anything starts, in one line."""
 
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -87,6 +91,80 @@ def test_module_entry_point_exits_non_zero():
     assert done.returncode == 2 and done.stderr.startswith("error: ") and "lr" in done.stderr
 
 
+def test_a_grid_shows_its_own_lines_and_every_error_but_not_rays(tmp_path):
+    """A real grid in a subprocess, one of its trials killed mid-way: the terminal has the
+    project's lines and the failure in one line; Ray's banners and warnings are in log files."""
+    import yaml
+
+    from tvlars_ray.store import Store
+
+    space = tmp_path / "quiet.yaml"
+    space.write_text(yaml.safe_dump({
+        "fixed": {"ds": "synthetic", "model": "cnn", "stem": "cifar", "train_subset": 256,
+                  "test_subset": 64, "epochs": 3, "bs": 32, "num_workers": 2,
+                  "max_failures": 0},
+        "grid": {"opt": "sgd", "lr": [0.05, 0.1]}}))
+    store = tmp_path / "store"
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        grid = subprocess.Popen([sys.executable, "-m", "tvlars_ray.run", "grid", "--space",
+                                 str(space), "--store", str(store), "--no-report"],
+                                stdout=stdout, stderr=stderr)
+        st, killed, deadline = Store(str(store)), False, time.time() + 300
+        while grid.poll() is None and time.time() < deadline:
+            if not killed and not st.read_epochs("quiet").empty:  # a trial is under way
+                workers = [p for p in _descendants(grid.pid)
+                           if "RayTrainWorker" in _cmdline(p)]
+                if workers:
+                    os.kill(workers[0], signal.SIGKILL)
+                    killed = True
+            time.sleep(0.2)
+        assert grid.wait(timeout=max(deadline - time.time(), 1)) == 0
+    assert killed, "no DDP worker was found to kill"
+    shown, errors = out.read_text(), err.read_text()
+    # the failure: one line on stderr, and nothing else there
+    failed = st.read_trials("quiet").query("status == 'failed'")
+    assert len(failed) == 1
+    lines = errors.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"trial {failed.trial_id.item()} (sgd-lr"), \
+        errors
+    assert " failed: " in lines[0]
+    # the project's lines
+    assert "grid 'quiet': 2 trials -> experiment 'quiet'" in shown
+    assert "ray dashboard: http" in shown and "ray's own output: " in shown
+    assert "completed" in shown and "failed" in shown and f"store: {store}/quiet" in shown
+    # none of Ray's
+    for noise in ("PreemptionWatcher", "Configuration for experiment", "View detailed results",
+                  "(raylet)", "(TrainController", "(RayTrainWorker", "core_worker.cc",
+                  " INFO ", " WARNING ", "Started a local Ray instance"):
+        assert noise not in shown + errors, noise
+    # ... which went to the log file named there
+    log = Path(shown.split("ray's own output: ", 1)[1].split(" and ", 1)[0])
+    assert "Started a local Ray instance" in log.read_text()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process under ``pid`` (its Ray: raylet, workers), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
 def test_seeds_flag_overrides_the_space(capsys, tmp_path):
     assert main(["grid", "--space", "quickstart", "--seeds", "3", "--dry-run"]) == 0
     out = capsys.readouterr().out

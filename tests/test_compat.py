@@ -46,6 +46,17 @@ def test_all_reduce_with_grad_sums_and_back_propagates():
         dist.destroy_process_group()
 
 
+def test_tune_sessions_still_queue_trains_reports_where_the_wait_looks():
+    """wait_until_tune_took_the_reports reads the queue Tune's TuneReportCallback fills."""
+    from ray.train._internal.session import _TrainSession
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    assert hasattr(_TrainSession, "_get_or_create_inter_actor_queue")
+    assert "_get_or_create_inter_actor_queue" in Path(
+        __import__("inspect").getsourcefile(TuneReportCallback)).read_text()
+    assert "self._inter_actor_queue" in Path(
+        __import__("inspect").getsourcefile(_TrainSession)).read_text()
+    compat.wait_until_tune_took_the_reports()  # outside Tune: returns at once
 def test_the_trainer_leaves_out_ray_data_only_without_datasets(tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback

@@ -108,6 +108,38 @@ def test_barlow_twins_table_and_pretraining_curves(tmp_path):
     assert (out / "pretrain_cifar10_resnet18_bs512.png").exists()
 
 
+def test_provenance_section_names_the_code_packages_and_machines(tmp_path, capsys):
+    """Trials resumed from other code show both commits, with their counts."""
+    store = Store(str(tmp_path / "s"))
+    versions = '{"python": "3.11.9", "ray": "2.60.0", "torch": "2.14.1"}'
+    runs = [("a" * 40, False, None), ("a" * 40, False, None), ("b" * 40, True, "c" * 64)]
+    for i, (commit, dirty, diff) in enumerate(runs):
+        cfg = TrialConfig(ds="synthetic", lr=0.1 * (i + 1), epochs=1)
+        store.write_epoch("p", f"t{i}", cfg, {"epoch": 0, "test_acc": 0.5, "diverged": False,
+                                              "hosts": f"node{i % 2}",
+                                              "gpus": "2 x NVIDIA H200", "cuda_version": "13.0",
+                                              "cudnn_version": "91000"})
+        store.write_trial("p", f"t{i}", cfg, "completed", here=True, provenance={
+            "git_commit": commit, "git_dirty": dirty, "git_diff_sha256": diff,
+            "versions": versions, "command": "python -m tvlars_ray.run grid",
+            "command_host": "head"})
+    store.add_provenance("p", {"command": "python -m tvlars_ray.run grid", "host": "head",
+                               "started_at": "2026-11-29T00:00:00+00:00"})
+    store.add_provenance("p", {"command": "python -m tvlars_ray.run grid --resume",
+                               "host": "head", "started_at": "2026-11-30T00:00:00+00:00"})
+    out = write_report(store, "p", tmp_path / "r")
+    text = (out / "report.md").read_text()
+    section = text.split("## Provenance", 1)[1]
+    assert f"commit {'a' * 12} (2 trials)" in section
+    assert f"commit {'b' * 12} with uncommitted changes (diff sha256 {'c' * 12}) (1 trials)" \
+        in section
+    assert "python 3.11.9, ray 2.60.0, torch 2.14.1" in section
+    assert "DDP workers ran on: node0, node1; GPUs: 2 x NVIDIA H200; CUDA 13.0, cuDNN 91000" \
+        in section
+    assert "commands on: head" in section
+    assert "p: started 2026-11-29T00:00:00+00:00 on head: `python -m tvlars_ray.run grid`" \
+        in section and "resumed 2026-11-30" in section
+    assert "## Provenance" in capsys.readouterr().out  # the report command prints it too
 def _paired_store(store: Store) -> None:
     """Three seeds at batch 512, one epoch each, with a validation split; see the test."""
     plan = [  # (opt, sd, lr, lmbda, final test acc per seed (None: diverged), val acc per seed)

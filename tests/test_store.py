@@ -95,3 +95,26 @@ def test_a_filesystem_uri_works_like_a_path(tmp_path):
     assert read_epochs(uri, "e")["test_acc"].tolist() == [0.4]
     assert read_trials(str(tmp_path / "viauri"))["status"].tolist() == ["completed"]
     assert st.experiments() == ["e"] and st.uri_of("e") == f"{tmp_path}/viauri/e"
+
+
+def test_trial_rows_keep_provenance_and_where_the_epochs_ran(tmp_path):
+    st = Store(str(tmp_path))
+    cfg = TrialConfig(ds="synthetic")
+    st.write_epoch("e", "t", cfg, _metrics(0, 0.1, hosts="a", gpus="2 x NVIDIA H200",
+                                           cuda_version="13.0", cudnn_version="91000"))
+    st.write_epoch("e", "t", cfg, _metrics(1, 0.2, hosts="b,c", gpus="1 x NVIDIA L4",
+                                           cuda_version="13.0", cudnn_version="91000"))
+    prov = {"git_commit": "abc", "git_dirty": True, "git_diff_sha256": "f" * 64,
+            "versions": '{"torch": "2.14.1"}', "command": "python -m tvlars_ray.run grid",
+            "command_host": "laptop"}
+    row = st.write_trial("e", "t", cfg, "running", here=True, provenance=prov)
+    assert row["hosts"] == "a,b,c" and row["gpus"] == "1 x NVIDIA L4"  # every host, last GPUs
+    assert row["driver_host"] and row["cuda_version"] == "13.0"
+    # a later write that does not know the command (Tune settling the row) keeps it
+    st.write_trial("e", "t", cfg, "completed")
+    stored = st.trial_row("e", "t")
+    assert {k: stored[k] for k in prov} == prov and stored["status"] == "completed"
+    assert st.provenance("e") == []
+    st.add_provenance("e", {"command": "first"})
+    st.add_provenance("e", {"command": "resumed"})
+    assert [r["command"] for r in st.provenance("e")] == ["first", "resumed"]

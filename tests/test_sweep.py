@@ -1,10 +1,20 @@
 """Grids and Optuna studies through real Ray Tune, each trial a TorchTrainer with DDP workers."""
 
+import json
+import re
+import subprocess
+from pathlib import Path
+
 import pandas as pd
 import yaml
+from ray import tune
 
+from tvlars_ray.config import TrialConfig
 from tvlars_ray.run import main
-from tvlars_ray.store import read_epochs, read_trials
+from tvlars_ray.store import Store, read_epochs, read_trials
+from tvlars_ray.sweep import POINT, TrialNames, grid_space, settings_from_tune, train_driver_fn
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TINY = {"ds": "synthetic", "model": "cnn", "stem": "cifar", "train_subset": 256,
         "test_subset": 128, "epochs": 2, "bs": 32, "num_workers": 2, "cpus_per_worker": 1}
@@ -39,6 +49,30 @@ def test_grid_of_two_trials_fills_the_store(ray_session, tmp_path, capsys):
     assert len(read_epochs(store)) == 4 and len(read_trials(store)) == 2
     assert main(["status", "--store", store]) == 0
     assert "2 completed" in capsys.readouterr().out
+    # Tune was given the real settings: its results, dataframe and folders show them
+    tune_dir = tmp_path / "store" / "two" / "tune"
+    assert {p.name for p in tune_dir.iterdir() if p.is_dir()} == {"sgd-lr0.05-s0",
+                                                                   "tvlars-lr2-s0"}
+    frame = tune.Tuner.restore(str(tune_dir), trainable=train_driver_fn).get_results() \
+        .get_dataframe()
+    by_opt = frame.set_index("config/opt")
+    assert by_opt.loc["tvlars", "config/lr"] == 2.0 and by_opt.loc["sgd", "config/lr"] == 0.05
+    assert by_opt.loc["tvlars", "config/lmbda"] == 1e-3
+    assert pd.isna(by_opt.loc["sgd", "config/lmbda"])  # does not apply to SGD, as in the store
+    assert (frame["config/epochs"] == 2).all() and (frame["config/ds"] == "synthetic").all()
+    assert set(frame["trial_id"]) == set(trials["trial_id"])
+    # provenance: the command that started it and the one that resumed it, and per trial
+    runs = Store(store).provenance("two")
+    assert [r["command"].split(" ", 3)[3].split()[0] for r in runs] == ["grid", "grid"]
+    assert runs[1]["command"].endswith("--resume --no-report")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+    assert runs[0]["git"]["commit"] == head and runs[0]["versions"]["ray"] == "2.60.0"
+    trials = read_trials(store, "two")
+    assert (trials["git_commit"] == head).all() and trials["hosts"].notna().all()
+    assert trials["driver_host"].notna().all() and trials["command"].str.contains("grid").all()
+    assert json.loads(trials["versions"].iloc[0])["torch"]
+    assert "## Provenance" in (report / "report.md").read_text()
 
 
 def test_optuna_study_lands_in_the_store(ray_session, tmp_path):
@@ -58,3 +92,36 @@ def test_optuna_study_lands_in_the_store(ray_session, tmp_path):
     assert (trials.loc[trials.status == "stopped", "epochs_done"] < 3).all()
     epochs = read_epochs(store, "study")
     assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    # Tune's config holds the sampled values and every fixed setting; folders say which
+    tune_dir = tmp_path / "store" / "study" / "tune"
+    frame = tune.Tuner.restore(str(tune_dir), trainable=train_driver_fn).get_results() \
+        .get_dataframe()
+    assert sorted(frame["config/lr"]) == sorted(trials["lr"])
+    assert (frame["config/epochs"] == 3).all() and (frame["config/opt"] == "tvlars").all()
+    assert (frame["config/cpus_per_worker"] == 0.5).all()
+    folders = sorted(p.name for p in tune_dir.iterdir() if p.is_dir())
+    assert len(folders) == 4 and all(re.fullmatch(
+        r"tvlars-lr[0-9.e+-]+-lmbda[0-9.e+-]+-alpha[0-9.e+-]+-s0-\d{5}", f) for f in folders)
+
+
+def test_tune_is_given_every_setting_of_each_grid_point():
+    """The grid's points, deduplicated, each as its full settings (not an index)."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    trials = [TrialConfig(ds="synthetic", opt="lars", lr=1.0, bs=512),
+              TrialConfig(ds="synthetic", opt="tvlars", lr=2.0, lmbda=1e-4, bs=512),
+              TrialConfig(ds="synthetic", opt="tvlars", lr=2.0, lmbda=1e-3, bs=1024, seed=1)]
+    grid = {f"{i:04d}": c.to_dict() for i, c in enumerate(trials)}
+    configs = [spec["config"] for _, spec in generate_variants({"config": grid_space(grid)})]
+    assert [c[POINT] for c in configs] == ["0000", "0001", "0002"]
+    for config, cfg in zip(configs, trials):
+        assert settings_from_tune(config).science_key == cfg.science_key
+    assert configs[0]["lmbda"] is None and configs[1]["lmbda"] == 1e-4  # null where moot
+    names = TrialNames(grid=grid)
+
+    class Trial:  # what Tune hands a name creator
+        def __init__(self, config):
+            self.config, self.trial_id = config, "x_00000"
+
+    assert [names(Trial(c)) for c in configs] == [
+        "lars-bs512-lr1-s0", "tvlars-bs512-lr2-lmbda0.0001-s0", "tvlars-bs1024-lr2-lmbda0.001-s1"]

@@ -47,11 +47,16 @@ def ray_env() -> dict[str, str]:
 
 
 def connect(address: str | None = None, num_cpus: int | None = None,
-            num_gpus: int | None = None) -> None:
+            num_gpus: int | None = None, log_to_driver: bool = True) -> str | None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a new local Ray
-    (with its dashboard, and the driver resource declared)."""
+    (with its dashboard, and the driver resource declared).
+
+    ``log_to_driver=False`` leaves what Ray's workers and actors print (trial drivers, Train
+    controllers, DDP workers, raylets) in Ray's session logs instead of this terminal.
+    Returns the dashboard's address when this call connected (None if Ray was up already).
+    """
     if ray.is_initialized():
-        return
+        return None
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.update(ray_env())
     runtime_env = {"env_vars": ray_env(), "worker_process_setup_hook": process_setup.HOOK}
@@ -59,14 +64,21 @@ def connect(address: str | None = None, num_cpus: int | None = None,
     # which aborts): a handler the caller installed, to stop gracefully, is put back.
     sigterm = signal.getsignal(signal.SIGTERM)
     if address:
-        ray.init(address=address, runtime_env=runtime_env)
+        context = ray.init(address=address, runtime_env=runtime_env,
+                           log_to_driver=log_to_driver)
     else:
         os.environ.setdefault("REPORTER_UPDATE_INTERVAL_MS", LOCAL_REPORTER_MS)
-        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
-                 resources={DRIVER_RESOURCE: 1000.0}, include_dashboard=True,
-                 runtime_env=runtime_env)
+        context = ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
+                           resources={DRIVER_RESOURCE: 1000.0}, include_dashboard=True,
+                           runtime_env=runtime_env, log_to_driver=log_to_driver)
     if callable(sigterm) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, sigterm)
+    return _dashboard(context)
+
+
+def _dashboard(context) -> str | None:
+    url = getattr(context, "dashboard_url", None)
+    return f"http://{url}" if url and "://" not in url else url
 
 
 def cluster_nodes() -> list[dict[str, float]]:

@@ -15,11 +15,17 @@ place, not deep inside a trial. (torch's ``_foreach_*`` multi-tensor kernels, wh
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from ray._private import worker as _ray_worker
 from ray._private.state import state as _ray_state
 from ray.air._internal import torch_utils as _air_torch
 from ray.train._internal.session import get_session as _train_session
@@ -98,6 +104,69 @@ def all_reduce_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return _fcol.all_reduce(tensor, "sum", dist.group.WORLD)
 
 
+@contextlib.contextmanager
+def ray_messages_to(logger: logging.Logger) -> Iterator[None]:
+    """The errors and warnings Ray's raylets publish to a driver (a worker died, 'N worker
+    processes have been started', ...) are printed to its stdout whatever ``log_to_driver``
+    says, by ``print_to_stdstream`` (looked up when each arrives); while this lasts they go
+    to ``logger`` instead."""
+    original = _ray_worker.print_to_stdstream
+
+    def to_logger(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        for line in data.get("lines", []):
+            logger.warning("(%s) %s", data.get("pid"), line)
+
+    _ray_worker.print_to_stdstream = to_logger
+    try:
+        yield
+    finally:
+        _ray_worker.print_to_stdstream = original
+
+
+def session_logs_dir() -> str | None:
+    """This node's folder of Ray's session logs (every worker's and actor's output), or None
+    before Ray is up."""
+    node = getattr(_ray_worker, "_global_node", None)
+    return node.get_logs_dir_path() if node is not None else None
+
+
+@dataclass(eq=False)  # compared and hashed by identity, as Tune's Trial is
+class LoggerTrial:
+    """What Ray Tune's logger callbacks (TensorBoardX, MLflow, W&B in Ray 2.60) read of a
+    Tune ``Trial``: enough to feed them a trial that runs without Tune (the ``trial``
+    command). Hyperparameters are its whole config, as a grid's are."""
+
+    trial_id: str
+    trial_name: str
+    config: dict[str, Any]
+    local_path: str
+    experiment_dir_name: str
+    checkpoint: Any = None
+    evaluated_params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.evaluated_params = self.evaluated_params or dict(self.config)
+
+    def init_local_path(self) -> None:
+        os.makedirs(self.local_path, exist_ok=True)
+
+    def __str__(self) -> str:
+        return self.trial_name
+
+
+def wait_until_tune_took_the_reports(poll_s: float = 0.1) -> None:
+    """Return once the Tune trial running this function has taken every report Ray Train
+    queued for it (the queue :class:`TrainToTune` fills, as Tune's ``TuneReportCallback`` does).
+
+    Ray 2.60's function trainable deadlocks when its function returns while such a report
+    still waits: the function's end marker fills the trial's one-slot result queue, and the
+    trial's main thread, moving the waiting report there, blocks for ever. Tune takes one
+    report per ``train()`` call, so a controller slowed by its callbacks (trackers, a busy
+    machine) leaves the last epoch's report waiting past the end of the fit."""
+    session = _train_session()
+    queue = getattr(session, "_inter_actor_queue", None)
+    while queue is not None and not queue.empty():
+        time.sleep(poll_s)
 class TrainToTune(UserCallback):
     """Ray Tune's ``TuneReportCallback`` (ray.tune.integration.ray_train), without Ray Tune.
 

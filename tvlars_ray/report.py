@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -430,6 +431,59 @@ def _save(fig, path: Path, tight: bool = True) -> Path:
     return path
 
 
+# -- provenance ------------------------------------------------------------------------------
+def _counted(values: pd.Series, what: str) -> str:
+    """Distinct values with how many trials had each, the most common first."""
+    counts = values.dropna().value_counts()
+    if counts.empty:
+        return "unknown"
+    if len(counts) == 1:
+        return str(counts.index[0])
+    return "; ".join(f"{v} ({n} {what})" for v, n in counts.items())
+
+
+def _code(row: pd.Series) -> str:
+    if pd.isna(row["git_commit"]) or not row["git_commit"]:
+        return "not a git checkout"
+    text = f"commit {row['git_commit'][:12]}"
+    if row["git_dirty"] is True or row["git_dirty"] == 1:
+        text += f" with uncommitted changes (diff sha256 {str(row['git_diff_sha256'])[:12]})"
+    return text
+
+
+def _versions(text: Any) -> str:
+    if not isinstance(text, str):
+        return "unknown"
+    return ", ".join(f"{k} {v or '-'}" for k, v in json.loads(text).items())
+
+
+def provenance_markdown(store: Store, experiment: str | None, trials: pd.DataFrame) -> str:
+    """Which code, packages and machines produced the trials, and the commands that ran them
+    (from the trials table and provenance.json); several values are listed with their counts,
+    so a grid resumed from other code shows it."""
+    if trials.empty:
+        return ""
+    code = trials.apply(_code, axis=1)
+    hosts = {h for cell in trials["hosts"].dropna() for h in str(cell).split(",")}
+    gpus = _counted(trials["gpus"], "trials") if trials["gpus"].notna().any() else "none"
+    if trials["cuda_version"].notna().any():
+        gpus += (f"; CUDA {_counted(trials['cuda_version'], 'trials')}, "
+                 f"cuDNN {_counted(trials['cudnn_version'], 'trials')}")
+    lines = ["## Provenance", "",
+             f"- code: {_counted(code, 'trials')}",
+             f"- packages: {_counted(trials['versions'].map(_versions), 'trials')}",
+             f"- DDP workers ran on: {', '.join(sorted(hosts)) or 'unknown'}; GPUs: {gpus}",
+             f"- trial drivers ran on: {_counted(trials['driver_host'], 'trials')}; commands "
+             f"on: {_counted(trials['command_host'], 'trials')}"]
+    names = [experiment] if experiment else sorted(trials["experiment"].unique())
+    for name in names:
+        for i, run in enumerate(store.provenance(name)):
+            what = "started" if i == 0 else "resumed" if "trial_id" not in run else "ran"
+            lines.append(f"- {name}: {what} {run.get('started_at', '')} on {run.get('host')}: "
+                         f"`{run.get('command')}`")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(store: Store, experiment: str | None, out: str | Path | None) -> Path:
     """Write report.md, table.csv, points.csv, paired.csv and the PNGs; returns the folder."""
     folder = Path(out) if out else _default_out(store, experiment)
@@ -455,12 +509,14 @@ def write_report(store: Store, experiment: str | None, out: str | Path | None) -
         images += plot_trust_ratios(table, finished, epochs, folder)
         images += plot_layers(table, store.read_layers(experiment), folder)
         images += plot_pretrain_losses(table, finished, epochs, folder)
-    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in images]
-    text = "\n".join(lines) + "\n"
+    provenance = provenance_markdown(store, experiment, trials)
+    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in images] + ["", provenance]
+    text = "\n".join(lines).rstrip() + "\n"
     (folder / "report.md").write_text(text)
     print(markdown_tables(table))
     for sentence in pairs.get("verdict", []):
         print(sentence)
+    print(provenance)
     return folder
 
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import logging
 import os
 import shlex
 import signal
 import sys
+import tempfile
 import threading
 import warnings
 from collections.abc import Iterator
@@ -31,14 +33,24 @@ from .config import (
     ConfigError,
     TrialConfig,
     field_type,
+    irrelevant_fields,
     trial_table,
     varying_keys,
 )
-from .console import fmt, pct, render_table
+from .console import fmt, pct, quiet, render_table
 from .data import check_trials, cost_estimate
 from .errors import UserError
+from .provenance import collect, trial_columns
 from .spaces import load_space, parse_overrides
-from .store import STATUSES, DamagedFileWarning, Store, StoreError, StoreWriteError, check_name
+from .store import (
+    STATUSES,
+    DamagedFileWarning,
+    Store,
+    StoreError,
+    StoreWriteError,
+    check_name,
+)
+from .trackers import TRACKERS
 
 DEFAULT_STORE = "results"
 DEFAULT_SPACE = "quickstart"
@@ -73,6 +85,17 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
                    help="Ray cluster to join (default: RAY_ADDRESS, else a new local Ray)")
     p.add_argument("--quiet", action="store_true", help="no live trial table")
+    _run_options(p)
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    """Options of every command that trains: trackers and how much of Ray to show."""
+    p.add_argument("--logger", action="append", choices=list(TRACKERS), default=None,
+                   help="also track in TensorBoard, MLflow or W&B (repeatable; see the "
+                        "README's 'Track with TensorBoard / MLflow / W&B')")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own output (its workers' logs, warnings, Tune's banners) "
+                        "here instead of only in log files")
 
 
 def build_parser(prog: str = "python -m tvlars_ray.run") -> argparse.ArgumentParser:
@@ -116,6 +139,7 @@ def build_parser(prog: str = "python -m tvlars_ray.run") -> argparse.ArgumentPar
     trial.add_argument("--resume", metavar="TRIAL_ID",
                        help="finish a stored trial of --experiment with its own settings")
     trial.add_argument("--address", default=None, help="Ray cluster to join")
+    _run_options(trial)
 
     status = sub.add_parser("status", help="trials of an experiment, from the store")
     _store_options(status, "experiment (default: all)")
@@ -190,7 +214,8 @@ def _sweep(args: argparse.Namespace, space) -> Any:
     sweep = Sweep(store=args.store, experiment=args.experiment or space.experiment,
                   resume=args.resume, overwrite=args.overwrite,
                   max_concurrent=args.max_concurrent, address=args.address,
-                  verbose=0 if args.quiet else 1, command=args.command)
+                  table=not args.quiet, verbose=args.verbose, loggers=tuple(args.logger or ()),
+                  provenance=collect(args.argv, args.prog), command=args.command)
     args.resume_hint = _resume_hint(args, sweep.experiment)
     return sweep
 
@@ -209,11 +234,58 @@ def _resume_hint(args: argparse.Namespace, experiment: str, trial_id: str | None
     return " ".join(shlex.quote(w) for w in words)
 
 
+def _check_loggers(args: argparse.Namespace, experiment: str) -> tuple[str, ...]:
+    """The trackers to use, checked before anything starts. A resumed sweep keeps the
+    trackers it started with: left out, they are used again; asking for others is refused."""
+    from .trackers import check
+
+    st = Store(args.store)
+    check(args.logger or (), st)
+    sweep = args.command != "trial"
+    runs = st.provenance(experiment) if sweep and getattr(args, "resume", False) else []
+    if runs:
+        started = sorted(set(runs[0].get("loggers", [])))
+        if args.logger is None:
+            args.logger = started or None
+        elif sorted(set(args.logger)) != started:
+            raise ConfigError(f"experiment '{experiment}' was started with --logger "
+                              f"{' '.join(started) or '(none)'}; a resume keeps its trackers: "
+                              f"drop --logger or give the same ones")
+    return tuple(args.logger or ())
+
+
+def _quiet(args: argparse.Namespace, experiment: str) -> None:
+    """Unless --verbose, Ray's own output in this process goes to a log file until the
+    command ends (said where once Ray is up, see _connect); its workers' output stays in
+    Ray's session logs (connect(log_to_driver=False))."""
+    if args.verbose:
+        return
+    from .compat import ray_messages_to
+
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    args.log_file = Path(tempfile.gettempdir(), "tvlars-ray", f"{experiment}-{stamp}.log")
+    args.cleanup.enter_context(quiet(args.log_file))
+    args.cleanup.enter_context(ray_messages_to(logging.getLogger("ray")))
+
+
+def _connect(args: argparse.Namespace) -> None:
+    """Start or join Ray, and say where its dashboard and (unless --verbose) its output are."""
+    from .cluster import connect
+    from .compat import session_logs_dir
+
+    dashboard = connect(args.address, log_to_driver=args.verbose)
+    if dashboard:
+        print(f"ray dashboard: {dashboard}")
+    if not args.verbose and dashboard is not None:
+        print(f"ray's own output: {args.log_file} and {session_logs_dir()} "
+              f"(--verbose shows it here)")
+
+
 def _cluster_gpus(args: argparse.Namespace) -> float:
     """GPUs in the cluster (starting or joining Ray): decides the default worker kind."""
-    from .cluster import cluster_gpus, connect
+    from .cluster import cluster_gpus
 
-    connect(args.address)
+    _connect(args)
     return cluster_gpus()
 
 
@@ -227,10 +299,14 @@ def cmd_grid(args: argparse.Namespace) -> int:
         return 0
     sweep = _sweep(args, space)
     st = sweep.check()  # refuse a clash with the store before starting Ray
+    sweep.loggers = _check_loggers(args, sweep.experiment)
     if args.resume:  # the grid as it was started, whatever the space says now
         trials = [TrialConfig.from_dict(v) for v in load_grid(st, sweep.experiment).values()]
     check_data(trials)
-    if not args.resume:
+    _quiet(args, sweep.experiment)
+    if args.resume:
+        _connect(args)
+    else:
         space = _load(args, _cluster_gpus(args))
         trials = trials_or_error(space)
     where = Path(args.store).resolve() if "://" not in args.store else args.store
@@ -260,7 +336,9 @@ def cmd_optuna(args: argparse.Namespace) -> int:
         return 0
     sweep = _sweep(args, space)
     sweep.check()
+    sweep.loggers = _check_loggers(args, sweep.experiment)
     check_data([TrialConfig.from_dict(space.base_config())])
+    _quiet(args, sweep.experiment)
     space = _load(args, _cluster_gpus(args))
     print(f"optuna '{space.name}': {args.num_samples} trials -> experiment '{sweep.experiment}'")
     run_optuna(space, args.num_samples, sweep, seed=args.seed, asha=args.asha,
@@ -285,10 +363,28 @@ def cmd_trial(args: argparse.Namespace) -> int:
         trial_id = f"{cfg.opt}-bs{cfg.bs}-lr{cfg.lr:g}-{stamp}"
     check_data([cfg])
     args.resume_hint = _resume_hint(args, experiment, trial_id)
+    loggers = args.logger or []
+    _check_loggers(args, experiment)
+    _quiet(args, experiment)
+    if cfg.num_workers > 0 or "wandb" in loggers:  # W&B logs from a Ray actor
+        _connect(args)
+    elif not args.verbose:
+        print(f"ray's own output: {args.log_file} (--verbose shows it here)")
+    from .sweep import tune_settings
+    from .trackers import TrialTrackers
     from .trial import run_single
 
-    status = run_single(cfg, args.store, experiment, trial_id, address=args.address,
-                        resume=bool(args.resume))
+    st = Store(args.store)
+    record = collect(args.argv, args.prog)
+    st.add_provenance(experiment, {**record, "trial_id": trial_id, "loggers": loggers})
+    with contextlib.ExitStack() as stack:
+        trackers = (stack.enter_context(TrialTrackers(loggers, st, experiment, trial_id,
+                                                      tune_settings(cfg), record))
+                    if loggers else None)
+        status = run_single(cfg, args.store, experiment, trial_id, address=args.address,
+                            resume=bool(args.resume), provenance=trial_columns(record))
+        if trackers is not None:
+            trackers.failed = status == "failed"
     _finish(args, experiment, report=False)
     return 0 if status in ("completed", "diverged") else 1
 
@@ -314,6 +410,11 @@ def _finish(args: argparse.Namespace, experiment: str, report: bool) -> None:
     print(summary_table(st, experiment))
     print(f"\nstore: {st.uri_of(experiment)}  (read with tvlars_ray.store.read_epochs / "
           f"read_trials)")
+    if getattr(args, "logger", None):
+        from .trackers import where
+
+        for line in where(args.logger, st, experiment, tune=args.command != "trial"):
+            print(line)
     if report:
         from .report import write_report
 
@@ -339,7 +440,8 @@ def summary_table(st: Store, experiment: str | None) -> str:
         cfgs.append(TrialConfig.from_dict(values))
     keys = list(dict.fromkeys(["opt", "lr", *varying_keys(cfgs)]))
     header = ["trial", *keys, "epochs", "final_acc", "best_acc", "status"]
-    rows = [[row["trial_id"], *(fmt(getattr(cfg, k)) for k in keys), row["epochs_done"],
+    rows = [[row["trial_id"], *("-" if k in irrelevant_fields(cfg) else fmt(getattr(cfg, k))
+                                for k in keys), row["epochs_done"],
              pct(row["final_test_acc"]), pct(row["best_test_acc"]), row["status"]]
             for row, cfg in zip(trials.to_dict("records"), cfgs)]
     return render_table(header, rows, rule=True)
@@ -480,9 +582,12 @@ COMMANDS = {"grid": cmd_grid, "optuna": cmd_optuna, "trial": cmd_trial, "status"
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m tvlars_ray.run") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(prog).parse_args(argv)
-    args.prog, args.resume_hint = prog, None
-    with warnings.catch_warnings(), _sigterm_as_sigint():
+    args.argv, args.prog = argv, prog  # the command line, as provenance records it
+    args.resume_hint = None
+    with contextlib.ExitStack() as args.cleanup, warnings.catch_warnings(), \
+            _sigterm_as_sigint():  # the exit stack undoes _quiet when the command ends
         warnings.filterwarnings("always", category=DamagedFileWarning)
         warnings.showwarning = _show_warning
         try:

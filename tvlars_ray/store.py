@@ -5,6 +5,7 @@ Layout under the store root (a local folder or a ``pyarrow.fs`` URI such as ``s3
     <root>/<experiment>/epochs/<trial_id>/<stage>-<epoch>.parquet   one row each
     <root>/<experiment>/trials/<trial_id>.parquet                   one row each, replaced
     <root>/<experiment>/layers/<trial_id>/<stage>-<epoch>.parquet   per-layer history
+    <root>/<experiment>/grid.json, provenance.json                   the grid, the commands
     <root>/<experiment>/tune/, train/                               Ray's own state
     <root>/<experiment>/.tvlars-experiment                          written when created
     <root>/<experiment>/lock.json                                   who runs it now
@@ -47,6 +48,7 @@ import ray
 
 from .config import FIELD_NAMES, TrialConfig, field_type, irrelevant_fields
 from .errors import UserError
+from .provenance import PROVENANCE_FILE
 
 STATUSES = ("running", "completed", "diverged", "stopped", "failed")
 # Trials that ended: those the report tables count.
@@ -74,6 +76,16 @@ IDENTITY_COLUMNS = [
 CONFIG_COLUMNS = [
     (f.name, _PA_TYPES[field_type(f.name)[0]], "", "trial setting (null where it does not apply)")
     for f in dataclasses.fields(TrialConfig)
+]
+# Where the trial's DDP workers ran (epochs: that epoch's attempt; trials: hosts of every
+# epoch, the rest from the last one).
+PLACE_COLUMNS = [
+    ("hosts", pa.string(), "", "host names of the machines the DDP workers ran on, "
+     "comma-separated"),
+    ("gpus", pa.string(), "", "GPU models of the DDP workers with their counts, e.g. "
+     "'2 x NVIDIA H200' (null on CPUs)"),
+    ("cuda_version", pa.string(), "", "CUDA version of the workers' torch, where they used GPUs"),
+    ("cudnn_version", pa.string(), "", "cuDNN version of the workers' torch, where they used GPUs"),
 ]
 EPOCH_COLUMNS = [
     ("stage", pa.string(), "", "train (classification), pretrain or linear (Barlow Twins)"),
@@ -104,6 +116,7 @@ EPOCH_COLUMNS = [
     ("precision", pa.string(), "", "what the forward pass ran in: bf16 (autocast) or fp32"),
     ("node_ip", pa.string(), "", "address of the node that ran rank 0"),
     ("node_id", pa.string(), "", "Ray node id of the node that ran rank 0"),
+    *PLACE_COLUMNS,
     ("recorded_at", _TS, "UTC", "when the row was written"),
     ("worker_started_at", _TS, "UTC", "when rank 0's process of this attempt started"),
     ("worker_ready_at", _TS, "UTC", "when Ray Train handed that process the trial (imports, "
@@ -113,6 +126,17 @@ EPOCH_COLUMNS = [
      "attempt's first epoch began"),
     ("first_step_s", pa.float64(), "s", "time to the end of the epoch's first optimizer step "
      "(data, forward, backward, step: warm-up costs show here)"),
+]
+# What the command that last ran the trial ran from (see tvlars_ray.provenance).
+PROVENANCE_COLUMNS = [
+    ("git_commit", pa.string(), "", "git commit of the code (null outside a git checkout)"),
+    ("git_dirty", pa.bool_(), "", "the checkout had uncommitted changes (or untracked files)"),
+    ("git_diff_sha256", pa.string(), "", "SHA-256 of those changes: git diff HEAD and the "
+     "untracked files"),
+    ("versions", pa.string(), "JSON", "versions of python, tvlars-ray, torch, torchvision, ray, "
+     "optuna, pyarrow and numpy"),
+    ("command", pa.string(), "", "the command line that started (or resumed) the trial"),
+    ("command_host", pa.string(), "", "host name of the machine that command ran on"),
 ]
 TRIAL_COLUMNS = [
     ("config", pa.string(), "JSON", "every setting of the trial, exactly as it ran"),
@@ -126,9 +150,12 @@ TRIAL_COLUMNS = [
     ("wall_time_s", pa.float64(), "s", "time from the trial's first start to its last update"),
     ("node_ip", pa.string(), "", "address of the node that ran the trial's driver"),
     ("node_id", pa.string(), "", "Ray node id of the node that ran the trial's driver"),
+    ("driver_host", pa.string(), "", "host name of the node that ran the trial's driver"),
+    *PLACE_COLUMNS,
     ("error", pa.string(), "", "why the trial failed, if it did"),
     ("started_at", _TS, "UTC", "first start of the trial"),
     ("updated_at", _TS, "UTC", "last change of this row"),
+    *PROVENANCE_COLUMNS,
 ]
 
 
@@ -398,23 +425,29 @@ class Store:
         self._write(table, experiment, "layers", trial_id, f"{stage}-{int(epoch):05d}.parquet")
 
     def write_trial(self, experiment: str, trial_id: str, cfg: TrialConfig, status: str,
-                    error: str | None = None, here: bool = False) -> dict[str, Any]:
+                    error: str | None = None, here: bool = False,
+                    provenance: dict[str, Any] | None = None) -> dict[str, Any]:
         """Replace the trial's row: its status, and a summary of its stored epochs.
 
         ``here``: this process runs the trial, so its node is the trial's node; otherwise
-        the node recorded before is kept."""
+        the node recorded before is kept. ``provenance``: the PROVENANCE_COLUMNS of the
+        command running the trial (see :func:`tvlars_ray.provenance.trial_columns`);
+        otherwise those recorded before are kept."""
         if status not in STATUSES:
             raise StoreError(f"unknown trial status '{status}': one of {', '.join(STATUSES)}")
         previous = self._read_one_trial(experiment, trial_id)
         now = _now()
         started = previous.get("started_at") or now
+        kept = provenance or {name: previous.get(name) for name, *_ in PROVENANCE_COLUMNS}
         row = {"experiment": experiment, "trial_id": trial_id, **config_columns(cfg),
                "config": json.dumps(cfg.to_dict(), sort_keys=True), "status": status,
                **self.summary(experiment, trial_id),
                "wall_time_s": (now - started).total_seconds(),
                "node_ip": (None if here else previous.get("node_ip")) or node_ip(),
                "node_id": (None if here else previous.get("node_id")) or node_id(),
-               "error": error, "started_at": started, "updated_at": now}
+               "driver_host": (None if here else previous.get("driver_host"))
+               or socket.gethostname(),
+               "error": error, "started_at": started, "updated_at": now, **kept}
         self._write(pa.Table.from_pylist([row], schema=TRIAL_SCHEMA),
                     experiment, "trials", f"{trial_id}.parquet")
         return row
@@ -443,6 +476,17 @@ class Store:
             return None
         with self.fs.open_input_stream(path) as fh:
             return json.loads(fh.read().decode())
+
+    def add_provenance(self, experiment: str, record: dict[str, Any]) -> None:
+        """Append one command's provenance to the experiment's ``provenance.json`` (its
+        ``runs``: the command that started the experiment, then each that resumed it)."""
+        self.create(experiment)  # marked as this tool's, as every writer's first write does
+        runs = (self.read_json(experiment, PROVENANCE_FILE) or {}).get("runs", [])
+        self.write_json(experiment, PROVENANCE_FILE, {"runs": [*runs, record]})
+
+    def provenance(self, experiment: str) -> list[dict[str, Any]]:
+        """The experiment's recorded commands, first to last ([] if none were recorded)."""
+        return (self.read_json(experiment, PROVENANCE_FILE) or {}).get("runs", [])
 
     def write_grid(self, experiment: str, grid: dict[str, dict[str, Any]]) -> None:
         """The grid as it was started: trial key -> settings (a resume runs exactly this)."""
@@ -500,17 +544,32 @@ class Store:
         rows = table.to_pylist() if table is not None else []
         return rows[0] if rows else {}
 
-    def trial_epochs(self, experiment: str, trial_id: str) -> pd.DataFrame:
-        files = self._files(self.path(experiment, "epochs", trial_id))
+    def epoch_files(self, experiment: str, trial_id: str) -> list[str]:
+        """The trial's epoch files by name: a reader following a running trial reads the
+        new ones only (with :meth:`read_epoch_files`)."""
+        return self._files(self.path(experiment, "epochs", trial_id))
+
+    def read_epoch_files(self, files: list[str]) -> pd.DataFrame:
         return _in_order(self._read(files, EPOCH_SCHEMA))
+
+    def trial_epochs(self, experiment: str, trial_id: str) -> pd.DataFrame:
+        return self.read_epoch_files(self.epoch_files(experiment, trial_id))
 
     def summary(self, experiment: str, trial_id: str) -> dict[str, Any]:
         """epochs_done, best_test_acc, best_epoch, final_test_acc, best_val_acc and
-        final_val_acc from the stored epochs."""
+        final_val_acc from the stored epochs, and where they ran: the hosts of every epoch,
+        the GPUs, CUDA and cuDNN of the last."""
         epochs = self.trial_epochs(experiment, trial_id)
         summary: dict[str, Any] = {"epochs_done": len(epochs), "best_test_acc": None,
                                    "best_epoch": None, "final_test_acc": None,
-                                   "best_val_acc": None, "final_val_acc": None}
+                                   "best_val_acc": None, "final_val_acc": None,
+                                   **{name: None for name, *_ in PLACE_COLUMNS}}
+        if len(epochs):
+            last = epochs.iloc[-1]
+            hosts = {h for cell in epochs["hosts"].dropna() for h in cell.split(",")}
+            summary.update({name: None if pd.isna(last[name]) else last[name]
+                            for name in ("gpus", "cuda_version", "cudnn_version")},
+                           hosts=",".join(sorted(hosts)) or None)
         scored = epochs.dropna(subset=["test_acc"])
         if len(scored):
             best = scored.loc[scored["test_acc"].idxmax()]

@@ -1,10 +1,15 @@
 """Ray Tune over trials: each Tune trial is a driver function that builds and fits one
 TorchTrainer.
 
-This is the only module that knows Tune. It never touches tensors: it hands each trial's
-settings to Ray Train (through :mod:`tvlars_ray.trial`), on resources planned by
-:mod:`tvlars_ray.cluster`, and keeps the store's per-trial rows right when Tune itself ends a
-trial (an early stop, a crash).
+This is the only module that runs Tune (:mod:`tvlars_ray.trackers` hands it Ray's logger
+callbacks). It never touches tensors: it hands each trial's settings to Ray Train (through
+:mod:`tvlars_ray.trial`), on resources planned by :mod:`tvlars_ray.cluster`, and keeps the
+store's per-trial rows right when Tune itself ends a trial (an early stop, a crash).
+
+Tune is given each trial's full settings as its config (a grid: a grid_search over the
+deduplicated points of grid.json, every setting drawn from the point; a study: Optuna's
+samples plus the rest), so Tune's results, dataframe and trackers show the real
+hyperparameters, and trials are named by what varies (``tvlars-bs512-lr2-lmbda0.001-s0``).
 
 A sweep holds its experiment's lock while it runs. Ctrl-C or SIGTERM stops it the way Tune's
 own Ctrl-C does (Tune saves its state and stops the trials within seconds), then no trial is
@@ -18,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -27,16 +34,27 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from .cluster import Plan, check_shared_store, cluster_nodes, connect, plan
-from .compat import TrainToTune
-from .config import ConfigError, TrialConfig
+from .compat import TrainToTune, wait_until_tune_took_the_reports
+from .config import FIELD_NAMES, ConfigError, TrialConfig, field_type, varying_keys
 from .console import pct, render_table
 from .errors import UserError
 from .monitor import SweepMetrics
-from .store import Lock, Store, StoreError, StoreWriteError, check_name, expected_epochs
+from .provenance import trial_columns
+from .store import (
+    Lock,
+    Store,
+    StoreError,
+    StoreWriteError,
+    check_name,
+    config_columns,
+    expected_epochs,
+)
+from .trackers import tune_callbacks
 from .trial import fit_trial, one_line, rerun
 
 # A trial's driver is a process that imports Tune, Ray Train and torch (seconds on a laptop);
@@ -52,33 +70,124 @@ class SweepError(UserError, RuntimeError):
     """The sweep cannot start as asked; the message says why and what to change."""
 
 
+# -- what Tune sees of a trial ------------------------------------------------------------
+POINT = "point"  # a grid trial's key in grid.json: Tune's grid_search runs over these
+
+
+def tune_settings(cfg: TrialConfig) -> dict[str, Any]:
+    """The trial's settings as Tune (its config, dataframe, trial names) and the trackers see
+    them: the store's setting columns, null where a setting does not apply (lmbda for LARS)."""
+    return config_columns(cfg)
+
+
+def settings_from_tune(config: dict[str, Any]) -> TrialConfig:
+    """The TrialConfig behind a Tune config: a null that only marks a setting that does not
+    apply leaves it at its default (a setting that may be None keeps its None)."""
+    return TrialConfig.from_dict({k: v for k, v in config.items() if k in FIELD_NAMES
+                                  and (v is not None or field_type(k)[1])})
+
+
+class _FromPoint:
+    """One setting of a grid trial, read from its grid point: the ``tune.sample_from`` beside
+    the grid_search over points, so each Tune trial is given every setting, not an index."""
+
+    def __init__(self, points: dict[str, dict[str, Any]], name: str) -> None:
+        self.points, self.name = points, name
+
+    def __call__(self, config: dict[str, Any]) -> Any:
+        if POINT not in config:  # Tune's variant generator alone passes the whole spec
+            config = config["config"]
+        return self.points[config[POINT]][self.name]
+
+    def __deepcopy__(self, memo: dict) -> _FromPoint:
+        return self  # Tune copies the space for every trial; the points are never changed
+
+
+def grid_space(grid: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Tune's param_space for a grid: a grid_search over the points (the deduplicated trials,
+    not a cartesian product), each setting drawn from the trial's point."""
+    points = {key: tune_settings(TrialConfig.from_dict(v)) for key, v in grid.items()}
+    return {POINT: tune.grid_search(sorted(points)),
+            **{name: tune.sample_from(_FromPoint(points, name)) for name in FIELD_NAMES}}
+
+
+class _OptunaWithSettings(OptunaSearch):
+    """Tune's OptunaSearch whose suggestions carry every setting of the trial, not only the
+    sampled ones, so Tune's config and the trackers' hyperparameters hold them all."""
+
+    def __init__(self, base: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.base = base
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        sampled = super().suggest(trial_id)
+        if not isinstance(sampled, dict):  # None (wait) or FINISHED
+            return sampled
+        try:
+            full = tune_settings(TrialConfig.from_dict({**self.base, **sampled}))
+        except ConfigError:  # a combination out of bounds: the trial itself says so
+            full = TrialConfig.from_dict(self.base).to_dict()
+        return {**full, **sampled}
+
+
+def _short(key: str, value: Any) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{key}{value:.4g}" if isinstance(value, float) else f"{key}{value}"
+    return f"{key}={value}"
+
+
+def trial_name(config: dict[str, Any], keys: Sequence[str]) -> str:
+    """``tvlars-bs512-lr2-lmbda0.001-s0``: the optimizer, the given settings where they
+    apply, and the seed; safe as a folder name."""
+    parts = [str(config.get("opt", TrialConfig.opt))]
+    parts += [_short(k, config[k]) for k in keys
+              if k not in ("opt", "seed") and config.get(k) is not None]
+    parts.append(f"s{config.get('seed', TrialConfig.seed)}")
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", "-".join(parts))[:150]
+
+
+class TrialNames:
+    """Tune's trial_name_creator and trial_dirname_creator: trials named by what varies.
+
+    A grid's names come from the settings that vary across it (made unique with the point's
+    key where two would clash); an Optuna trial's from its sampled settings and its number.
+    """
+
+    def __init__(self, grid: dict[str, dict[str, Any]] | None = None,
+                 sampled: Sequence[str] = ()) -> None:
+        self.sampled = list(sampled)
+        self.names: dict[str, str] = {}
+        if grid:
+            cfgs = {key: TrialConfig.from_dict(v) for key, v in grid.items()}
+            keys = varying_keys(list(cfgs.values()))
+            names = {key: trial_name(tune_settings(c), keys) for key, c in cfgs.items()}
+            clashes = {n for n in names.values() if list(names.values()).count(n) > 1}
+            self.names = {key: f"{n}-p{key}" if n in clashes else n for key, n in names.items()}
+
+    def __call__(self, trial) -> str:
+        config = trial.config
+        if POINT in config and config[POINT] in self.names:
+            return self.names[config[POINT]]
+        return f"{trial_name(config, self.sampled)}-{trial.trial_id.rsplit('_', 1)[-1]}"
+
+
 # -- the Tune trial ----------------------------------------------------------------------
 def train_driver_fn(config: dict[str, Any], store: str, experiment: str,
-                    grid: dict[str, dict[str, Any]] | None = None,
-                    base: dict[str, Any] | None = None,
                     ids: dict[str, str] | None = None,
-                    fills: dict[str, list] | None = None) -> None:
+                    fills: dict[str, list] | None = None,
+                    provenance: dict[str, Any] | None = None) -> None:
     """One Tune trial, run in its driver process: one TorchTrainer run, its reports forwarded
-    to Tune.
+    to Tune. ``config`` holds the trial's settings (see :func:`tune_settings`).
 
-    A grid trial finds its settings in ``grid`` under ``config["trial"]``; an Optuna trial
-    merges its sampled values into ``base``. A resumed trial keeps its store id (``ids``),
-    and one that lost epochs refills them (``fills``).
+    A resumed grid point keeps its store id (``ids``, by the point's key), and one that lost
+    epochs refills them (``fills``).
     """
-    cfg = TrialConfig.from_dict(trial_settings(config, grid, base))
-    key = config.get("trial")
+    key = config.get(POINT)
     trial_id = (ids or {}).get(key) or tune.get_context().get_trial_id()
-    fit_trial(cfg, store, experiment, trial_id, callbacks=[TrainToTune()],
-              record_failure=False, fill=(fills or {}).get(key))
-
-
-def trial_settings(config: dict[str, Any], grid: dict[str, dict[str, Any]] | None,
-                   base: dict[str, Any] | None) -> dict[str, Any]:
-    """A Tune trial's full settings: its grid entry, or the base plus Optuna's samples."""
-    if grid is not None:
-        return grid[config["trial"]]
-    return {**(base or {}), **{k: v for k, v in config.items()
-                               if k in TrialConfig.__dataclass_fields__}}
+    fit_trial(settings_from_tune(config), store, experiment, trial_id,
+              callbacks=[TrainToTune()], record_failure=False, fill=(fills or {}).get(key),
+              provenance=provenance)
+    wait_until_tune_took_the_reports()  # else Ray 2.60 may hang: see there
 
 
 class ProgressTable(tune.Callback):
@@ -91,9 +200,8 @@ class ProgressTable(tune.Callback):
     COLUMNS = ("trial", "status", "opt", "bs", "lr", "lmbda", "epoch", "test_acc", "best",
                "img/s")
 
-    def __init__(self, grid: dict[str, dict[str, Any]] | None, base: dict[str, Any] | None,
-                 every: float = 15.0) -> None:
-        self.grid, self.base, self.every = grid, base, every
+    def __init__(self, every: float = 15.0) -> None:
+        self.every = every
         self.results: dict[str, dict[str, Any]] = {}
         self.best: dict[str, float] = {}
         self.last_print = 0.0
@@ -130,7 +238,7 @@ class ProgressTable(tune.Callback):
         rows = []
         for trial in trials:
             counts[trial.status] = counts.get(trial.status, 0) + 1
-            cfg = trial_settings(trial.config, self.grid, self.base)
+            cfg = trial.config
             result = self.results.get(trial.trial_id, {})
             epochs = cfg.get("epochs", TrialConfig.epochs)
             epoch = f"{result['epoch'] + 1}/{epochs}" if "epoch" in result else f"-/{epochs}"
@@ -158,7 +266,7 @@ class StoreCallback(tune.Callback):
 
     def store_id(self, trial) -> str:
         """The trial's id in the store (a resumed grid point keeps the one it had)."""
-        return self.ids.get(trial.config.get("trial")) or trial.trial_id
+        return self.ids.get(trial.config.get(POINT)) or trial.trial_id
 
     def setup(self, **info: Any) -> None:
         self.metrics = SweepMetrics(self.experiment)
@@ -179,14 +287,17 @@ class StoreCallback(tune.Callback):
             with open(trial.error_file) as fh:
                 error = one_line(RuntimeError(fh.read()))
         trial_id = self.store_id(trial)
-        print(f"trial {trial_id} failed: {error or 'see the Ray logs'}", flush=True)
         st = Store(self.store)
         try:
             row = st.trial_row(self.experiment, trial_id)
             if row:
                 st.write_trial(self.experiment, trial_id, st.row_config(row), "failed", error)
         except StoreWriteError as exc:  # the store itself may be what failed
-            print(f"could not record trial {trial_id} as failed: {exc}", flush=True)
+            print(f"could not record trial {trial_id} as failed: {exc}", file=sys.stderr,
+                  flush=True)
+        # the one line of a failure the terminal always shows (the traceback: Tune's error.txt)
+        print(f"trial {trial_id} ({trial}) failed: {error or 'see ' + str(trial.path)}",
+              file=sys.stderr, flush=True)
         self._export(trials)
 
     def _export(self, trials: list) -> None:
@@ -210,7 +321,12 @@ class StoreCallback(tune.Callback):
 # -- sweeps --------------------------------------------------------------------------------
 @dataclass
 class Sweep:
-    """Where a sweep's results go and how it runs."""
+    """Where a sweep's results go and how it runs.
+
+    ``table``: print the live table; ``verbose``: let Ray's own output (workers, Tune's
+    banners) through to the terminal; ``loggers``: trackers (see :mod:`tvlars_ray.trackers`);
+    ``provenance``: this command's record (see :mod:`tvlars_ray.provenance`).
+    """
 
     store: str = "results"
     experiment: str = "default"
@@ -218,7 +334,10 @@ class Sweep:
     overwrite: bool = False
     max_concurrent: int | None = None
     address: str | None = None
-    verbose: int = 1
+    table: bool = True
+    verbose: bool = True
+    loggers: tuple[str, ...] = ()
+    provenance: dict[str, Any] | None = None
     command: str = "grid"
     lock: Lock | None = field(default=None, repr=False)
 
@@ -278,16 +397,32 @@ def load_grid(st: Store, experiment: str) -> dict[str, dict[str, Any]]:
 
 
 def _trainable(st: Store, sweep: Sweep, plan_: Plan, **params: Any):
+    provenance = trial_columns(sweep.provenance) if sweep.provenance else None
     fn = tune.with_parameters(train_driver_fn, store=st.uri_of(), experiment=sweep.experiment,
-                              **params)
-    fn = tune.with_resources(fn, plan_.driver)
-    return fn
+                              provenance=provenance, **params)
+    return tune.with_resources(fn, plan_.driver)
 
 
-def _run_config(st: Store, sweep: Sweep, grid=None, base=None, ids=None, name: str = "tune"):
+def _start(st: Store, sweep: Sweep) -> None:
+    """Record this command in provenance.json and set how much of Ray the terminal shows."""
+    if sweep.provenance:
+        st.add_provenance(sweep.experiment, {**sweep.provenance, "loggers": list(sweep.loggers)})
+    # Tune's new output engine prints its configuration box whatever the verbosity; the
+    # classic one at verbosity 0 prints nothing
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if sweep.verbose else "0"
+    # Tune adds its CSV, JSON and TensorBoard loggers unless told not to: TensorBoard files
+    # are written when --logger asks for them (_run_config adds CSV and JSON, which Tune's
+    # own result reading needs)
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+
+
+def _run_config(st: Store, sweep: Sweep, ids: dict[str, str] | None = None,
+                name: str = "tune") -> tune.RunConfig:
     callbacks: list[tune.Callback] = [StoreCallback(st.uri_of(), sweep.experiment, ids)]
-    if sweep.verbose:
-        callbacks.append(ProgressTable(grid, base))
+    if sweep.table:
+        callbacks.append(ProgressTable())
+    callbacks += tune_callbacks(sweep.loggers, st, sweep.experiment, sweep.provenance)
+    callbacks += [CSVLoggerCallback(), JsonLoggerCallback()]
     return tune.RunConfig(
         name=name, storage_path=st.uri_of(sweep.experiment), verbose=0,
         callbacks=callbacks,
@@ -354,14 +489,16 @@ def _fit(tuner: tune.Tuner, st: Store, sweep: Sweep) -> tune.ResultGrid:
 def _grid_tuner(st: Store, sweep: Sweep, plan_: Plan, grid: dict[str, dict[str, Any]],
                 keys: list[str], ids: dict[str, str] | None = None,
                 fills: dict[str, list] | None = None, name: str = "tune") -> tune.Tuner:
-    """A Tuner over some of a grid's points (all of them, or those a resume still needs)."""
-    trainable = _trainable(st, sweep, plan_, grid=grid, ids=ids, fills=fills)
+    """A Tuner over some of a grid's points (all of them, or those a resume still needs),
+    each trial named from what varies over the whole grid."""
+    names = TrialNames(grid=grid)
     return tune.Tuner(
-        trainable,
-        param_space={"trial": tune.grid_search(sorted(keys))},
+        _trainable(st, sweep, plan_, ids=ids, fills=fills),
+        param_space=grid_space({key: grid[key] for key in keys}),
         tune_config=tune.TuneConfig(max_concurrent_trials=plan_.concurrency,
-                                    reuse_actors=REUSE_DRIVERS),
-        run_config=_run_config(st, sweep, grid=grid, ids=ids, name=name),
+                                    reuse_actors=REUSE_DRIVERS, trial_name_creator=names,
+                                    trial_dirname_creator=names),
+        run_config=_run_config(st, sweep, ids=ids, name=name),
     )
 
 
@@ -404,11 +541,12 @@ def run_grid(trials: Sequence[TrialConfig], sweep: Sweep) -> tune.ResultGrid | N
             grid = {f"{i:04d}": cfg.to_dict() for i, cfg in enumerate(trials)}
             keys, ids, fills = list(grid), {}, {}
         cfgs = [TrialConfig.from_dict(v) for v in grid.values()]
-        connect(sweep.address)
+        connect(sweep.address, log_to_driver=sweep.verbose)
         plan_ = plan(cfgs, cluster_nodes(), sweep.max_concurrent)
         check_shared_store(st)
         if not sweep.resume:
             st.write_grid(sweep.experiment, grid)
+        _start(st, sweep)
         return _fit(_grid_tuner(st, sweep, plan_, grid, keys, ids, fills), st, sweep)
     finally:
         sweep.release()
@@ -424,10 +562,11 @@ def run_optuna(space, num_samples: int, sweep: Sweep, seed: int = 0,
     try:
         base = space.base_config()
         probe = TrialConfig.from_dict(base)
-        connect(sweep.address)
+        connect(sweep.address, log_to_driver=sweep.verbose)
         plan_ = plan([probe], cluster_nodes(), sweep.max_concurrent)
         check_shared_store(st)
-        trainable = _trainable(st, sweep, plan_, base=base)
+        _start(st, sweep)
+        trainable = _trainable(st, sweep, plan_)
         path = sweep.tune_path(st)
         if sweep.resume and tune.Tuner.can_restore(path):
             result = _fit(tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
@@ -440,15 +579,17 @@ def run_optuna(space, num_samples: int, sweep: Sweep, seed: int = 0,
             scheduler = ASHAScheduler(time_attr="training_iteration",
                                       max_t=expected_epochs(probe), grace_period=grace_period,
                                       reduction_factor=2)
+        names = TrialNames(sampled=list(space.search))
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                search_alg=OptunaSearch(seed=seed), scheduler=scheduler,
+                search_alg=_OptunaWithSettings(base, seed=seed), scheduler=scheduler,
                 num_samples=num_samples, metric=space.metric, mode=space.mode,
                 max_concurrent_trials=plan_.concurrency,
-                reuse_actors=REUSE_DRIVERS and scheduler is None),
-            run_config=_run_config(st, sweep, base=base),
+                reuse_actors=REUSE_DRIVERS and scheduler is None, trial_name_creator=names,
+                trial_dirname_creator=names),
+            run_config=_run_config(st, sweep),
         )
         return _fit(tuner, st, sweep)
     finally:

@@ -6,6 +6,7 @@ knows Ray Train, not Tune: a Tune trial passes Tune's report callback in.
 
 from __future__ import annotations
 
+import sys
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +65,8 @@ def rerun(st: Store, experiment: str, trial_id: str, cfg: TrialConfig,
 
 def fit_trial(cfg: TrialConfig, store: str, experiment: str, trial_id: str,
               callbacks: list[Any] | None = None, record_failure: bool = True,
-              fill: list[tuple[str, int]] | None = None) -> str:
+              fill: list[tuple[str, int]] | None = None,
+              provenance: dict[str, Any] | None = None) -> str:
     """Fit one TorchTrainer for ``cfg`` and keep the trial's store row current.
 
     The Train run is named after the trial, so fitting the same trial again (a resumed grid)
@@ -72,9 +74,10 @@ def fit_trial(cfg: TrialConfig, store: str, experiment: str, trial_id: str,
     Train run from the first epoch. Returns the final status; a failed run re-raises,
     after recording ``failed`` unless the caller settles failures itself (under Tune, a run
     that Tune stops early also ends in an exception, and Tune knows which it was).
+    ``provenance``: the trial-table columns of the command running it.
     """
     st = Store(store)
-    st.write_trial(experiment, trial_id, cfg, "running", here=True)
+    st.write_trial(experiment, trial_id, cfg, "running", here=True, provenance=provenance)
     name = f"{trial_id}-refill-{uuid.uuid4().hex[:6]}" if fill else trial_id
     trainer = TorchTrainer(
         train_fn_per_worker,
@@ -105,7 +108,8 @@ def fit_trial(cfg: TrialConfig, store: str, experiment: str, trial_id: str,
 
 
 def run_single(cfg: TrialConfig, store: str, experiment: str, trial_id: str,
-               address: str | None = None, resume: bool = False) -> str:
+               address: str | None = None, resume: bool = False,
+               provenance: dict[str, Any] | None = None) -> str:
     """The ``trial`` command: on Ray workers, or in this process when ``num_workers == 0``.
 
     It shares the experiment's lock with other ``trial`` commands (a grid or a study holds it
@@ -127,7 +131,7 @@ def run_single(cfg: TrialConfig, store: str, experiment: str, trial_id: str,
         if cfg.num_workers > 0:
             connect(address)
             plan([cfg], cluster_nodes())  # a trial that cannot fit is an error, not a hang
-        return fit_trial(cfg, store, experiment, trial_id, fill=fill)
+        return fit_trial(cfg, store, experiment, trial_id, fill=fill, provenance=provenance)
     except (KeyboardInterrupt, SystemExit):  # Ray Train's own Ctrl-C handler exits
         ray.shutdown()  # the workers end with it: nothing writes after this
         st.settle(experiment, trial_id)
@@ -135,7 +139,7 @@ def run_single(cfg: TrialConfig, store: str, experiment: str, trial_id: str,
     except Exception as exc:  # the store row says failed; say why on one line too
         if isinstance(exc, UserError):
             raise
-        print(f"trial {trial_id} failed: {one_line(exc)}")
+        print(f"trial {trial_id} failed: {one_line(exc)}", file=sys.stderr)
         return "failed"
     finally:
         lock.release()

@@ -37,6 +37,7 @@ from . import compat
 from .config import TrialConfig
 from .layer_history import LayerHistory
 from .monitor import TrialMetrics
+from .provenance import describe_places, worker_place
 from .store import Store, node_id, node_ip
 
 CHECKPOINT_FILE = "state.pt"
@@ -135,6 +136,17 @@ class Tally:
         return sums, int(count_all)
 
 
+def where_ranks_run(worker: Worker) -> dict[str, str | None]:
+    """The hosts and GPUs of every rank, gathered once per attempt (a collective: every rank
+    calls it; under NCCL, Ray Train has set each rank's device)."""
+    mine = worker_place(worker.device)
+    if not worker.distributed:
+        return describe_places([mine])
+    places: list[Any] = [None] * worker.world
+    dist.all_gather_object(places, mine)
+    return describe_places(places)
+
+
 class Recorder:
     """Rank 0's link to the store and the live metrics; the other ranks record nothing.
 
@@ -156,6 +168,7 @@ class Recorder:
         self.live = TrialMetrics(self.experiment, self.trial_id if lead else None, cfg.opt,
                                  cfg.bs)
         self.node, self.node_id = node_ip(), node_id()
+        self.place = where_ranks_run(worker)
         self.attempt = {"worker_started_at": _utc(process_started_at()),
                         "worker_ready_at": _utc(job.get("ready_at")), "data_ready_at": None,
                         "loop_started_at": None}
@@ -188,7 +201,8 @@ class Recorder:
             row = {"stage": stage, "epoch": epoch, "world_size": self.worker.world,
                    "backend": dist.get_backend() if self.worker.distributed else None,
                    "precision": "bf16" if self.worker.amp else "fp32",
-                   "node_ip": self.node, "node_id": self.node_id, **self.attempt, **metrics}
+                   "node_ip": self.node, "node_id": self.node_id, **self.place, **self.attempt,
+                   **metrics}
             self.store.write_epoch(self.experiment, self.trial_id, self.cfg, row)
         self.live.update({**metrics, "epoch": epoch + 1})
 
