@@ -258,12 +258,12 @@ def test_matches_reference(name: str, variant: str, foreach: bool) -> None:
 def test_fast_path_layouts(name: str, variant: str, layout: str, monkeypatch) -> None:
     """The multi-tensor path split into many cache-sized runs (as for a large model on CPU),
     and run whole with allocated temporaries (as on an accelerator), still matches."""
-    import tvlars_ray.optim._functional as functional
+    import tvlars_ray.optim._kernels as kernels
 
     if layout == "accelerator":
-        monkeypatch.setattr(functional, "BLOCKED_DEVICE_TYPES", ())
+        monkeypatch.setattr(kernels, "BLOCKED_DEVICE_TYPES", ())
     else:
-        monkeypatch.setattr(functional, "CPU_CHUNK_NUMEL", 30 if layout == "runs_of_30" else 1)
+        monkeypatch.setattr(kernels, "CPU_CHUNK_NUMEL", 30 if layout == "runs_of_30" else 1)
     params, _, ref = run_both(name, variant, foreach=True, steps=20)
     for p, expected in zip(params, ref.params):
         torch.testing.assert_close(p.detach(), expected, **TIGHT)

@@ -11,37 +11,35 @@ For each parameter tensor ``w`` with gradient ``g``::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._functional import (
-    LayerwiseOptimizer,
-    RatioCollector,
+from ._kernels import (
     Workspace,
     blocked,
-    check_grad,
-    check_non_negative,
-    check_positive_or_none,
-    check_unit_interval,
     chunks,
     foreach_norms,
     group_by_device_and_dtype,
     is_excluded,
-    new_step,
     pair_norms,
     pick,
     scalar_dtype,
     split_adapted,
     trust_ratio,
 )
+from .base import (
+    LayerwiseOptimizer,
+    RatioChunk,
+    check_non_negative,
+    check_positive_or_none,
+    check_unit_interval,
+)
 
 __all__ = ["LAMB", "lamb"]
-
-RatioChunk = tuple[list[int], Tensor]
 
 
 class LAMB(LayerwiseOptimizer):
@@ -58,6 +56,8 @@ class LAMB(LayerwiseOptimizer):
         exclude_1d: leave tensors with ``ndim <= 1`` out of weight decay and adaptation.
         foreach: multi-tensor kernels (``None`` or ``True``) or the per-tensor loop (``False``).
     """
+
+    state_buffers = ("exp_avg", "exp_avg_sq")
 
     def __init__(
         self,
@@ -81,7 +81,7 @@ class LAMB(LayerwiseOptimizer):
             exclude_1d=exclude_1d,
             foreach=foreach,
         )
-        self._init(params, defaults)
+        super().__init__(params, defaults)
 
     @staticmethod
     def _validate(group: dict[str, Any]) -> None:
@@ -95,63 +95,33 @@ class LAMB(LayerwiseOptimizer):
         check_unit_interval("betas[1]", betas[1])
         check_positive_or_none("weight_norm_clip", group["weight_norm_clip"])
 
-    def _init_group(
-        self, group: dict[str, Any]
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[int]]:
-        params, grads, exp_avgs, exp_avg_sqs, steps, positions = [], [], [], [], [], []
-        for i, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            check_grad(p.grad, "LAMB")
-            state = self.state[p]
-            if not state:
-                state["step"] = new_step(p)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-            positions.append(i)
-        return params, grads, exp_avgs, exp_avg_sqs, steps, positions
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform one optimisation step; ``closure`` re-evaluates the loss if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        collector = RatioCollector()
-        base = 0
-        for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps, positions = self._init_group(group)
-            if params:
-                beta1, beta2 = group["betas"]
-                ratio_chunks = lamb(
-                    params,
-                    grads,
-                    exp_avgs,
-                    exp_avg_sqs,
-                    steps,
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    weight_norm_clip=group["weight_norm_clip"],
-                    bias_correction=group["bias_correction"],
-                    exclude_1d=group["exclude_1d"],
-                    foreach=group["foreach"],
-                    workspace=self._workspace,
-                )
-                for local, ratios in ratio_chunks:
-                    collector.add([base + positions[k] for k in local], ratios)
-            base += len(group["params"])
-        self.last_trust_ratios = collector.result()
-        return loss
+    def _update(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        buffers: list[list[Tensor]],
+        steps: list[Tensor],
+    ) -> list[RatioChunk]:
+        exp_avgs, exp_avg_sqs = buffers
+        beta1, beta2 = group["betas"]
+        return lamb(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            steps,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            weight_norm_clip=group["weight_norm_clip"],
+            bias_correction=group["bias_correction"],
+            exclude_1d=group["exclude_1d"],
+            foreach=group["foreach"],
+            workspace=self._workspace,
+        )
 
 
 def lamb(
@@ -230,7 +200,7 @@ def _single_tensor_lamb(
         p.addcmul_(u, r, value=-lr)
         local.append(i)
         ratios.append(r)
-    return [(local, torch.stack(ratios))] if ratios else []
+    return [RatioChunk(local, torch.stack(ratios))] if ratios else []
 
 
 def _multi_tensor_lamb(
@@ -289,7 +259,7 @@ def _multi_tensor_lamb(
                     torch._foreach_add_(u_ad, p_ad, alpha=weight_decay)
                 r = trust_ratio(foreach_norms(p_ad, u_ad), 1.0, weight_norm_clip, None)
                 torch._foreach_addcmul_(p_ad, u_ad, r.unbind(0), value=-lr)
-                out.append(([bucket[run[k]] for k in adapted], r))
+                out.append(RatioChunk([bucket[run[k]] for k in adapted], r))
     return out
 
 

@@ -21,31 +21,24 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._functional import (
-    LayerwiseOptimizer,
-    RatioCollector,
+from ._kernels import (
     Workspace,
     add_scaled,
-    check_grad,
-    check_non_negative,
-    check_unit_interval,
     chunks,
     foreach_norms,
     group_by_device_and_dtype,
     is_excluded,
-    new_step,
     pair_norms,
     pick,
     scalar_dtype,
     split_adapted,
     trust_ratio,
 )
+from .base import LayerwiseOptimizer, RatioChunk, check_non_negative, check_unit_interval
 
-__all__ = ["LARS", "lars"]
+__all__ = ["LARS", "lars", "lars_args"]
 
 PhiFn = Callable[[Tensor], Tensor]
-# (indices into the updated-parameter list, their trust ratios as one 1-D tensor)
-RatioChunk = tuple[list[int], Tensor]
 
 
 class LARS(LayerwiseOptimizer):
@@ -61,6 +54,8 @@ class LARS(LayerwiseOptimizer):
             decay and adaptation, as in the LARS paper.
         foreach: multi-tensor kernels (``None`` or ``True``) or the per-tensor loop (``False``).
     """
+
+    state_buffers = ("momentum_buffer",)
 
     def __init__(
         self,
@@ -80,7 +75,7 @@ class LARS(LayerwiseOptimizer):
             exclude_1d=exclude_1d,
             foreach=foreach,
         )
-        self._init(params, defaults)
+        super().__init__(params, defaults)
 
     @staticmethod
     def _validate(group: dict[str, Any]) -> None:
@@ -89,71 +84,23 @@ class LARS(LayerwiseOptimizer):
         check_non_negative("weight_decay", group["weight_decay"])
         check_non_negative("eta", group["eta"])
 
-    def _init_group(
-        self, group: dict[str, Any]
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[int]]:
-        params, grads, bufs, steps, positions = [], [], [], [], []
-        owner = type(self).__name__
-        for i, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            check_grad(p.grad, owner)
-            state = self.state[p]
-            if not state:
-                state["step"] = new_step(p)
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            bufs.append(state["momentum_buffer"])
-            steps.append(state["step"])
-            positions.append(i)
-        return params, grads, bufs, steps, positions
+    def _update(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        buffers: list[list[Tensor]],
+        steps: list[Tensor],
+    ) -> list[RatioChunk]:
+        (momentum_buffers,) = buffers
+        return lars(params, grads, momentum_buffers, steps, **lars_args(group),
+                    workspace=self._workspace)
 
-    def _schedule(self, group: dict[str, Any]) -> tuple[PhiFn | None, float | None]:
-        """The time factor and norm clip applied to ``q``: none for plain LARS."""
-        return None, None
 
-    def _observe(self, group: dict[str, Any], param: Tensor, step: Tensor) -> None:
-        """Record extra per-step values; ``param``/``step``: the first updated parameter."""
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform one optimisation step; ``closure`` re-evaluates the loss if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        collector = RatioCollector()
-        observed = False
-        base = 0
-        for group in self.param_groups:
-            params, grads, bufs, steps, positions = self._init_group(group)
-            if params:
-                phi, norm_clip = self._schedule(group)
-                ratio_chunks = lars(
-                    params,
-                    grads,
-                    bufs,
-                    steps,
-                    lr=group["lr"],
-                    momentum=group["momentum"],
-                    weight_decay=group["weight_decay"],
-                    eta=group["eta"],
-                    exclude_1d=group["exclude_1d"],
-                    foreach=group["foreach"],
-                    phi=phi,
-                    norm_clip=norm_clip,
-                    workspace=self._workspace,
-                )
-                for local, ratios in ratio_chunks:
-                    collector.add([base + positions[k] for k in local], ratios)
-                if not observed:
-                    self._observe(group, params[0], steps[0])
-                    observed = True
-            base += len(group["params"])
-        self.last_trust_ratios = collector.result()
-        return loss
+def lars_args(group: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of :func:`lars` that a LARS param group holds."""
+    return {key: group[key]
+            for key in ("lr", "momentum", "weight_decay", "eta", "exclude_1d", "foreach")}
 
 
 def lars(
@@ -225,7 +172,7 @@ def _single_tensor_lars(
             local.append(i)
             ratios.append(q)
         p.add_(buf, alpha=-lr)
-    return [(local, torch.stack(ratios))] if ratios else []
+    return [RatioChunk(local, torch.stack(ratios))] if ratios else []
 
 
 def _multi_tensor_lars(
@@ -274,7 +221,7 @@ def _multi_tensor_lars(
                 run_scale = scale if isinstance(scale, float) else scale[done : done + n]
                 q = trust_ratio(foreach_norms(p_ad, d), run_scale, norm_clip, norm_clip)
                 torch._foreach_addcmul_(pick(b_run, adapted), d, q.unbind(0))
-                out.append(([bucket[run[k]] for k in adapted], q))
+                out.append(RatioChunk([bucket[run[k]] for k in adapted], q))
                 done += n
             torch._foreach_add_(p_run, b_run, alpha=-lr)
     return out

@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._functional import check_non_negative, check_positive_or_none, scalar_dtype
-from .lars import LARS, PhiFn
+from ._kernels import scalar_dtype
+from .base import LayerwiseOptimizer, RatioChunk, check_non_negative, check_positive_or_none
+from .lars import LARS, PhiFn, lars, lars_args
 
 __all__ = ["TVLARS", "tvlars_phi"]
 
@@ -60,14 +61,17 @@ def tvlars_phi(
     return logistic / alpha + gamma_min
 
 
-class TVLARS(LARS):
+class TVLARS(LayerwiseOptimizer):
     """Time-varying LARS: ``q = eta * phi(t) * clip(||w||) / clip(||d||)``.
 
-    Everything else is LARS (see :class:`~tvlars_ray.optim.LARS`). ``t`` is the step number
-    kept per parameter in ``state['step']`` (1 on the first update), ``delay`` is counted in
-    steps, and ``norm_clip=None`` disables the cap. Besides ``last_trust_ratios`` it keeps
+    Everything else is LARS (see :class:`~tvlars_ray.optim.LARS`; both step through
+    :func:`~tvlars_ray.optim.lars.lars`). ``t`` is the step number kept per parameter in
+    ``state['step']`` (1 on the first update), ``delay`` is counted in steps, and
+    ``norm_clip=None`` disables the cap. Besides ``last_trust_ratios`` it keeps
     ``last_phi``: phi of the last step for the first param group, a 0-d tensor on the device.
     """
+
+    state_buffers = LARS.state_buffers
 
     def __init__(
         self,
@@ -98,7 +102,7 @@ class TVLARS(LARS):
             foreach=foreach,
         )
         self.last_phi: Tensor | None = None
-        self._init(params, defaults)
+        super().__init__(params, defaults)
 
     @staticmethod
     def _validate(group: dict[str, Any]) -> None:
@@ -122,8 +126,18 @@ class TVLARS(LARS):
             gamma_min=group["gamma_min"],
         )
 
-    def _schedule(self, group: dict[str, Any]) -> tuple[PhiFn | None, float | None]:
-        return self._phi(group), group["norm_clip"]
+    def _update(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        buffers: list[list[Tensor]],
+        steps: list[Tensor],
+    ) -> list[RatioChunk]:
+        (momentum_buffers,) = buffers
+        return lars(params, grads, momentum_buffers, steps, **lars_args(group),
+                    phi=self._phi(group), norm_clip=group["norm_clip"],
+                    workspace=self._workspace)
 
     def _observe(self, group: dict[str, Any], param: Tensor, step: Tensor) -> None:
         self.last_phi = self._phi(group)(step.to(scalar_dtype(param.dtype)))
