@@ -529,6 +529,15 @@ BAD_ARGS = [
     (LAMB, dict(betas=(1.0, 0.999)), "betas"),
     (LAMB, dict(betas=(0.9, -0.1)), "betas"),
     (LAMB, dict(weight_norm_clip=0.0), "weight_norm_clip"),
+    # the bounds the config holds too: lr and eta positive, nothing infinite or NaN
+    (LARS, dict(lr=0.0), "lr"),
+    (LARS, dict(eta=0.0), "eta"),
+    (LARS, dict(weight_decay=math.inf), "weight_decay"),
+    (TVLARS, dict(delay=math.nan), "delay"),
+    (TVLARS, dict(lmbda=math.inf), "lmbda"),
+    (LAMB, dict(lr=0.0), "lr"),
+    (LAMB, dict(eps=math.inf), "eps"),
+    (LAMB, dict(betas=(0.9, math.nan)), "betas"),
 ]
 
 
@@ -543,6 +552,31 @@ def test_bad_arguments(cls: type, kwargs: dict, arg: str) -> None:
     opt = cls([w], lr=0.1)
     with pytest.raises(ValueError, match=arg):
         opt.add_param_group({"params": [torch.randn(2, requires_grad=True)], **args})
+
+
+# the optimizers' arguments and the TrialConfig settings they come from
+SHARED_BOUNDS = [("lr", "lr"), ("weight_decay", "wd"), ("momentum", "momentum"), ("eta", "eta"),
+                 ("lmbda", "lmbda"), ("alpha", "alpha"), ("delay", "delay"),
+                 ("gamma_min", "gamma_min"), ("norm_clip", "norm_clip")]
+
+
+@pytest.mark.parametrize(("arg", "setting"), SHARED_BOUNDS)
+def test_optimizer_and_config_accept_the_same_values(arg: str, setting: str) -> None:
+    from tvlars_ray.config import ConfigError, TrialConfig
+
+    for value in (-1.0, 0.0, 1e-6, 0.5, 1.0, 30.0, math.inf, -math.inf, math.nan):
+        try:
+            TrialConfig(opt="tvlars", **{setting: value})
+            config_ok = True
+        except ConfigError:
+            config_ok = False
+        try:
+            TVLARS([torch.randn(3, 3, requires_grad=True)], **{"lr": 0.1, arg: value})
+            optimizer_ok = True
+        except ValueError:
+            optimizer_ok = False
+        assert config_ok == optimizer_ok, f"{setting}={value}: config {config_ok}, " \
+                                          f"optimizer {optimizer_ok}"
 
 
 # -- registry --------------------------------------------------------------------------------

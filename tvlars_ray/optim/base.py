@@ -26,22 +26,6 @@ class RatioChunk(NamedTuple):
     ratios: Tensor  # one per position, 1-D
 
 
-def check_non_negative(name: str, value: float) -> None:
-    if not value >= 0.0:
-        raise ValueError(f"{name} must be non-negative, got {value}")
-
-
-def check_unit_interval(name: str, value: float) -> None:
-    """Momentum-like factors: 1 would never forget, so the interval is half-open."""
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value}")
-
-
-def check_positive_or_none(name: str, value: float | None) -> None:
-    if value is not None and not value > 0.0:
-        raise ValueError(f"{name} must be positive or None, got {value}")
-
-
 def check_grad(grad: Tensor, owner: str) -> None:
     if grad.is_sparse:
         raise RuntimeError(f"{owner} does not support sparse gradients; use dense gradients")

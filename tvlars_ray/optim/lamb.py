@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
+from ..bounds import check
 from ._kernels import (
     Workspace,
     blocked,
@@ -31,13 +32,7 @@ from ._kernels import (
     split_adapted,
     trust_ratio,
 )
-from .base import (
-    LayerwiseOptimizer,
-    RatioChunk,
-    check_non_negative,
-    check_positive_or_none,
-    check_unit_interval,
-)
+from .base import LayerwiseOptimizer, RatioChunk
 
 __all__ = ["LAMB", "lamb"]
 
@@ -85,15 +80,15 @@ class LAMB(LayerwiseOptimizer):
 
     @staticmethod
     def _validate(group: dict[str, Any]) -> None:
-        check_non_negative("lr", group["lr"])
-        check_non_negative("eps", group["eps"])
-        check_non_negative("weight_decay", group["weight_decay"])
+        check("lr", group["lr"])
+        check("eps", group["eps"])
+        check("weight_decay", group["weight_decay"], key="wd")
         betas = group["betas"]
         if len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas}")
-        check_unit_interval("betas[0]", betas[0])
-        check_unit_interval("betas[1]", betas[1])
-        check_positive_or_none("weight_norm_clip", group["weight_norm_clip"])
+        check("betas[0]", betas[0], key="beta")
+        check("betas[1]", betas[1], key="beta")
+        check("weight_norm_clip", group["weight_norm_clip"], key="norm_clip")
 
     def _update(
         self,

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
+from ..bounds import check
 from ._kernels import (
     Workspace,
     add_scaled,
@@ -34,7 +35,7 @@ from ._kernels import (
     split_adapted,
     trust_ratio,
 )
-from .base import LayerwiseOptimizer, RatioChunk, check_non_negative, check_unit_interval
+from .base import LayerwiseOptimizer, RatioChunk
 
 __all__ = ["LARS", "lars", "lars_args"]
 
@@ -79,10 +80,10 @@ class LARS(LayerwiseOptimizer):
 
     @staticmethod
     def _validate(group: dict[str, Any]) -> None:
-        check_non_negative("lr", group["lr"])
-        check_unit_interval("momentum", group["momentum"])
-        check_non_negative("weight_decay", group["weight_decay"])
-        check_non_negative("eta", group["eta"])
+        check("lr", group["lr"])
+        check("momentum", group["momentum"])
+        check("weight_decay", group["weight_decay"], key="wd")
+        check("eta", group["eta"])
 
     def _update(
         self,

@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
+from ..bounds import check
 from ._kernels import scalar_dtype
-from .base import LayerwiseOptimizer, RatioChunk, check_non_negative, check_positive_or_none
+from .base import LayerwiseOptimizer, RatioChunk
 from .lars import LARS, PhiFn, lars, lars_args
 
 __all__ = ["TVLARS", "tvlars_phi"]
@@ -44,8 +45,7 @@ def tvlars_phi(
     value, but the logistic function saturates at 0 where ``exp`` would overflow. A tensor
     ``t`` is evaluated on its own device in a few small kernels.
     """
-    if not alpha > 0:
-        raise ValueError(f"alpha must be positive, got {alpha}")
+    check("alpha", alpha)
     shift = math.log(alpha)
     if isinstance(t, Tensor):
         if not t.is_floating_point():
@@ -107,11 +107,8 @@ class TVLARS(LayerwiseOptimizer):
     @staticmethod
     def _validate(group: dict[str, Any]) -> None:
         LARS._validate(group)
-        check_non_negative("lmbda", group["lmbda"])
-        if not group["alpha"] > 0:
-            raise ValueError(f"alpha must be positive (phi peaks at 1/alpha), got {group['alpha']}")
-        check_non_negative("gamma_min", group["gamma_min"])
-        check_positive_or_none("norm_clip", group["norm_clip"])
+        for name in ("lmbda", "alpha", "delay", "gamma_min", "norm_clip"):
+            check(name, group[name])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
