@@ -14,10 +14,12 @@ import json
 import re
 import types
 import typing
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .bounds import BOUNDS, check
+from .optim.registry import available_optimizers, get_spec, optimizer_settings
 
 MODES = ("clf", "bt")
 SCHEDULES = ("none", "cosine", "lars-warm")
@@ -124,7 +126,7 @@ class TrialConfig:
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
-HELP = {
+_HELP = {
     "mode": "clf (classification) or bt (Barlow Twins pre-training, then linear evaluation)",
     "ds": "dataset: synthetic, cifar10, cifar100, tinyimagenet or imagefolder",
     "model": "network: cnn (small, for demos), resnet18, resnet34, resnet50, effb0",
@@ -133,16 +135,17 @@ HELP = {
     "epochs": "training epochs (in bt mode: linear-evaluation epochs)",
     "bs": "global batch size, split evenly over the DDP workers",
     "seed": "seeds python, numpy, torch and the data order in every worker",
-    "opt": "optimizer: sgd, adam, adamw, adagrad, rmsprop, lars, tvlars, lamb",
+    "opt": "optimizer",  # the list comes from the registry
     "lr": "base learning rate",
     "wd": "weight decay",
-    "momentum": "momentum of sgd, lars and tvlars",
-    "eta": "LARS/TVLARS trust coefficient",
-    "lmbda": "TVLARS delay factor lambda: how fast phi decays",
-    "alpha": "TVLARS alpha: phi starts near 1/alpha",
-    "delay": "TVLARS d_e: optimizer steps before phi's decay is centred",
-    "gamma_min": "TVLARS gamma_min: phi's floor",
-    "norm_clip": "TVLARS clip on both norms of the trust ratio (none: no clip)",
+    # optimizer settings: which optimizers take each comes from the registry
+    "momentum": "heavy-ball momentum factor",
+    "eta": "trust coefficient of the layer-wise ratio",
+    "lmbda": "delay factor lambda, how fast phi decays",
+    "alpha": "phi starts near 1/alpha",
+    "delay": "d_e, the optimizer steps before phi's decay is centred",
+    "gamma_min": "phi's floor",
+    "norm_clip": "clip on both norms of the trust ratio (none: no clip)",
     "sd": "lr schedule per iteration: none, cosine or lars-warm",
     "warmup_epochs": "warm-up epochs of lars-warm",
     "data_dir": "where datasets live (default TVLARS_DATA_DIR, else a user cache folder); "
@@ -170,26 +173,45 @@ HELP = {
     "max_failures": "restarts from the last checkpoint after a worker dies",
 }
 
+
+
+class _Help(Mapping[str, str]):
+    """One line per setting; the optimizer's part is read from the registry when asked,
+    so an optimizer registered later is listed too."""
+
+    def __getitem__(self, name: str) -> str:
+        text = _HELP[name]
+        if name == "opt":
+            return f"{text}, one of: " + "; ".join(
+                f"{n} - {get_spec(n).description}" for n in available_optimizers())
+        if name in optimizer_settings():
+            users = [get_spec(n).display for n in available_optimizers()
+                     if name in get_spec(n).settings]
+            return f"{', '.join(users)}: {text}"
+        return text
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_HELP)
+
+    def __len__(self) -> int:
+        return len(_HELP)
+
+
+HELP: Mapping[str, str] = _Help()
+
 # Settings that decide where and how fast a trial runs, not what it computes.
 RESOURCE_FIELDS = frozenset(
     {"data_dir", "loader_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker",
      "checkpoint_every", "max_failures", "compile"}
 )
 
-TVLARS_FIELDS = frozenset({"lmbda", "alpha", "delay", "gamma_min", "norm_clip"})
 BT_FIELDS = frozenset({"cl_epochs", "btlmbda", "projector", "lr_classifier", "lr_backbone"})
 
 
 def irrelevant_fields(c: TrialConfig) -> frozenset[str]:
     """Settings that cannot change this trial's numbers (lmbda for LARS, warm-up without
     lars-warm, ...): nulled in the store and ignored when deduplicating a grid."""
-    out = set()
-    if c.opt != "tvlars":
-        out |= TVLARS_FIELDS
-    if c.opt not in ("lars", "tvlars"):
-        out.add("eta")
-    if c.opt not in ("sgd", "lars", "tvlars"):
-        out.add("momentum")
+    out = set(optimizer_settings() - set(get_spec(c.opt).settings))
     if c.sd != "lars-warm":
         out.add("warmup_epochs")
     if c.mode != "bt":
@@ -290,7 +312,6 @@ def _one_of(name: str, value: str, choices: typing.Iterable[str]) -> None:
 def _validate(c: TrialConfig) -> None:
     from .data import DATASETS
     from .models import MODELS
-    from .optim import available_optimizers
 
     _one_of("mode", c.mode, MODES)
     _one_of("dataset (ds)", c.ds, DATASETS)

@@ -22,16 +22,16 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .config import FIELD_NAMES, RESOURCE_FIELDS  # noqa: E402
+from .optim import available_optimizers, get_spec  # noqa: E402
 from .store import Store  # noqa: E402
 
 GROUP = ["ds", "model", "mode"]
 SCIENCE = [f for f in FIELD_NAMES if f not in RESOURCE_FIELDS and f != "seed"]
-OPT_NAMES = {"lars": "LARS", "tvlars": "TVLARS", "lamb": "LAMB", "sgd": "SGD", "adam": "Adam",
-             "adamw": "AdamW", "adagrad": "Adagrad", "rmsprop": "RMSprop"}
 
 
 def method_name(opt: str, sd: str) -> str:
-    name = OPT_NAMES.get(opt, opt)
+    """The optimizer's display name from the registry, with its schedule when it has one."""
+    name = get_spec(opt).display if opt in available_optimizers() else opt
     return f"{name} + warm-up" if sd == "lars-warm" else name if sd == "none" else f"{name} ({sd})"
 
 
