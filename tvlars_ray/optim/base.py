@@ -20,10 +20,12 @@ from ._kernels import Workspace
 
 
 class RatioChunk(NamedTuple):
-    """Trust ratios of some updated tensors, as a functional update returns them."""
+    """Trust ratios of some updated tensors, as a functional update returns them, with the
+    norms they were computed from."""
 
     positions: list[int]  # indices into the list of updated parameters
-    ratios: Tensor  # one per position, 1-D
+    ratios: Tensor  # (n,): one per position
+    norms: Tensor  # (2, n): ||w|| in row 0, the update direction's norm in row 1
 
 
 def check_grad(grad: Tensor, owner: str) -> None:
@@ -37,10 +39,12 @@ def new_step(param: Tensor) -> Tensor:
 
 
 class RatioCollector:
-    """Gathers per-tensor trust ratios from every group and bucket, then orders them once.
+    """Gathers per-tensor trust ratios and norms from every group and bucket, then orders
+    them once.
 
-    The common case (one group, one device/dtype) keeps the ratio vector as it is; otherwise
-    the 0-d pieces are put back in parameter order and stacked in one op.
+    The common case (one group, one device/dtype, one run) keeps the tensors as they are;
+    runs already in order are concatenated; otherwise the pieces are put back in parameter
+    order and stacked.
     """
 
     def __init__(self) -> None:
@@ -50,29 +54,39 @@ class RatioCollector:
         if chunk.positions:
             self._chunks.append(chunk)
 
-    def result(self) -> Tensor | None:
+    def result(self) -> tuple[Tensor | None, Tensor | None]:
+        """``(ratios, norms)``: shapes (n,) and (2, n), in parameter order."""
         if not self._chunks:
-            return None
+            return None, None
         if len(self._chunks) == 1:
-            return self._chunks[0].ratios
+            return self._chunks[0].ratios, self._chunks[0].norms
         device, dtype = self._chunks[0].ratios.device, self._chunks[0].ratios.dtype
         flat = [i for chunk in self._chunks for i in chunk.positions]
         same_place = all(c.ratios.device == device and c.ratios.dtype == dtype
                          for c in self._chunks)
         if same_place and all(a < b for a, b in zip(flat, flat[1:])):
-            return torch.cat([c.ratios for c in self._chunks])
-        pieces: list[tuple[int, Tensor]] = []
+            return (torch.cat([c.ratios for c in self._chunks]),
+                    torch.cat([c.norms for c in self._chunks], dim=1))
+        pieces: list[tuple[int, Tensor, Tensor]] = []
         for chunk in self._chunks:
             ratios = chunk.ratios.to(device=device, dtype=dtype)
-            pieces.extend(zip(chunk.positions, ratios.unbind(0)))
+            norms = chunk.norms.to(device=device, dtype=dtype)
+            pieces.extend(zip(chunk.positions, ratios.unbind(0), norms.unbind(1)))
         pieces.sort(key=lambda item: item[0])
-        return torch.stack([r for _, r in pieces])
+        return (torch.stack([r for _, r, _ in pieces]),
+                torch.stack([n for _, _, n in pieces], dim=1))
 
 
 class LayerwiseOptimizer(torch.optim.Optimizer):
     """What LARS, TVLARS and LAMB share: the step loop, each group's hyper-parameters
-    validated, the per-tensor trust ratios of the last step kept on the device, a reused
+    validated, the last step's per-tensor trust ratios and norms kept on the device, a reused
     scratch buffer, and step counters that follow their parameters.
+
+    After a step, ``last_trust_ratios`` (n,) holds the ratio of each adapted tensor (in
+    parameter order over all groups) and ``last_norms`` (2, n) the norms it was computed
+    from, before any clip: ``||w||`` in row 0 and the update direction's norm in row 1
+    (``||d||`` for LARS and TVLARS, ``||u||`` for LAMB). Both stay on the device; reading
+    them is the caller's (one) host sync.
 
     Subclasses set ``state_buffers`` and implement ``_validate`` and ``_update``;
     ``_observe`` may record more of the step.
@@ -85,6 +99,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._validate(defaults)
         super().__init__(params, defaults)
         self.last_trust_ratios: Tensor | None = None
+        self.last_norms: Tensor | None = None
         self._workspace = Workspace()
 
     @staticmethod
@@ -101,7 +116,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         steps: list[Tensor],
     ) -> list[RatioChunk]:
         """Update ``params`` in place (``buffers``: one list per ``state_buffers`` entry,
-        ``steps``: the step counters, not yet incremented); return the trust ratios."""
+        ``steps``: the step counters, not yet incremented); return the trust ratios and
+        the norms they came from."""
         raise NotImplementedError
 
     def _observe(self, group: dict[str, Any], param: Tensor, step: Tensor) -> None:
@@ -154,7 +170,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     self._observe(group, params[0], steps[0])
                     observed = True
             base += len(group["params"])
-        self.last_trust_ratios = collector.result()
+        self.last_trust_ratios, self.last_norms = collector.result()
         return loss
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -174,6 +190,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("last_trust_ratios", None)
+        self.__dict__.setdefault("last_norms", None)
         self.__dict__.setdefault("_workspace", Workspace())
         for group in self.param_groups:
             group.setdefault("foreach", None)

@@ -137,7 +137,8 @@ def lamb(
     foreach: bool | None = None,
     workspace: Workspace | None = None,
 ) -> list[RatioChunk]:
-    """Functional LAMB step; returns the trust ratios of the adapted tensors.
+    """Functional LAMB step; returns the trust ratios of the adapted tensors and their
+    norms ``||w||``, ``||u||``.
 
     ``workspace`` holds the temporaries of the multi-tensor path between steps.
     """
@@ -176,6 +177,7 @@ def _single_tensor_lamb(
     """Reference path: one parameter at a time, as the formulas read."""
     local: list[int] = []
     ratios: list[Tensor] = []
+    norm_pairs: list[Tensor] = []
     for i, (p, g, m, v, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
         step.add_(1)
         m.lerp_(g, 1 - beta1)
@@ -191,11 +193,15 @@ def _single_tensor_lamb(
             continue
         if weight_decay != 0:
             u.add_(p, alpha=weight_decay)
-        r = trust_ratio(pair_norms(p, u), 1.0, weight_norm_clip, None).view(())
+        pair = pair_norms(p, u)
+        r = trust_ratio(pair, 1.0, weight_norm_clip, None).view(())
         p.addcmul_(u, r, value=-lr)
         local.append(i)
         ratios.append(r)
-    return [RatioChunk(local, torch.stack(ratios))] if ratios else []
+        norm_pairs.append(pair)
+    if not ratios:
+        return []
+    return [RatioChunk(local, torch.stack(ratios), torch.cat(norm_pairs, dim=1))]
 
 
 def _multi_tensor_lamb(
@@ -252,9 +258,10 @@ def _multi_tensor_lamb(
                 p_ad, u_ad = pick(p_run, adapted), pick(u, adapted)
                 if weight_decay != 0:
                     torch._foreach_add_(u_ad, p_ad, alpha=weight_decay)
-                r = trust_ratio(foreach_norms(p_ad, u_ad), 1.0, weight_norm_clip, None)
+                norms = foreach_norms(p_ad, u_ad)
+                r = trust_ratio(norms, 1.0, weight_norm_clip, None)
                 torch._foreach_addcmul_(p_ad, u_ad, r.unbind(0), value=-lr)
-                out.append(RatioChunk([bucket[run[k]] for k in adapted], r))
+                out.append(RatioChunk([bucket[run[k]] for k in adapted], r, norms))
     return out
 
 

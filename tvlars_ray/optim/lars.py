@@ -120,7 +120,8 @@ def lars(
     norm_clip: float | None = None,
     workspace: Workspace | None = None,
 ) -> list[RatioChunk]:
-    """Functional LARS/TVLARS step; returns the trust ratios of the adapted tensors.
+    """Functional LARS/TVLARS step; returns the trust ratios of the adapted tensors and
+    their norms ``||w||``, ``||d||``.
 
     ``phi`` maps the (float) step counters to a per-tensor factor on ``q`` and ``norm_clip``
     caps both norms; LARS passes neither. ``workspace`` holds the temporaries of the
@@ -158,6 +159,7 @@ def _single_tensor_lars(
     """Reference path: one parameter at a time, as the formulas read."""
     local: list[int] = []
     ratios: list[Tensor] = []
+    norm_pairs: list[Tensor] = []
     for i, (p, g, buf, step) in enumerate(zip(params, grads, momentum_buffers, steps)):
         step.add_(1)
         buf.mul_(momentum)
@@ -168,12 +170,16 @@ def _single_tensor_lars(
             scale: float | Tensor = eta
             if phi is not None:
                 scale = phi(step.to(scalar_dtype(p.dtype))).mul_(eta)
-            q = trust_ratio(pair_norms(p, d), scale, norm_clip, norm_clip).view(())
+            pair = pair_norms(p, d)
+            q = trust_ratio(pair, scale, norm_clip, norm_clip).view(())
             buf.addcmul_(d, q)
             local.append(i)
             ratios.append(q)
+            norm_pairs.append(pair)
         p.add_(buf, alpha=-lr)
-    return [RatioChunk(local, torch.stack(ratios))] if ratios else []
+    if not ratios:
+        return []
+    return [RatioChunk(local, torch.stack(ratios), torch.cat(norm_pairs, dim=1))]
 
 
 def _multi_tensor_lars(
@@ -220,9 +226,10 @@ def _multi_tensor_lars(
                 p_ad, g_ad = pick(p_run, adapted), pick(g_run, adapted)
                 d = add_scaled(g_ad, p_ad, weight_decay, workspace) if weight_decay else g_ad
                 run_scale = scale if isinstance(scale, float) else scale[done : done + n]
-                q = trust_ratio(foreach_norms(p_ad, d), run_scale, norm_clip, norm_clip)
+                norms = foreach_norms(p_ad, d)
+                q = trust_ratio(norms, run_scale, norm_clip, norm_clip)
                 torch._foreach_addcmul_(pick(b_run, adapted), d, q.unbind(0))
-                out.append(RatioChunk([bucket[run[k]] for k in adapted], q))
+                out.append(RatioChunk([bucket[run[k]] for k in adapted], q, norms))
                 done += n
             torch._foreach_add_(p_run, b_run, alpha=-lr)
     return out
