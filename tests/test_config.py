@@ -41,6 +41,7 @@ def test_text_values_are_typed():
     ({"lrr": 1}, ["unknown setting 'lrr'", "did you mean 'lr'"]),
     ({"projector": "4096x4096"}, ["projector"]),
     ({"sd": "step"}, ["schedule", "step"]),
+    ({"opt": "tvlars", "sd": "phi"}, ["sd phi", "tvlars", "twice"]),
 ])
 def test_bad_values_are_one_line_errors_naming_the_setting(values, words):
     with pytest.raises(ConfigError) as err:
@@ -58,6 +59,19 @@ def test_settings_that_cannot_matter_do_not_change_the_key():
     assert (TrialConfig(opt="tvlars", lmbda=1e-3).science_key
             != TrialConfig(opt="tvlars", lmbda=1e-6).science_key)
     assert TrialConfig(sd="none", warmup_epochs=5).science_key == TrialConfig(sd="none").science_key
+
+
+@pytest.mark.parametrize("opt", ["lars", "sgd", "lamb"])
+def test_the_phi_schedule_makes_phis_settings_count_for_any_optimizer(opt):
+    cfg = TrialConfig(opt=opt, sd="phi")
+    irrelevant = irrelevant_fields(cfg)
+    assert not irrelevant & {"lmbda", "alpha", "delay", "gamma_min"}
+    assert "norm_clip" in irrelevant  # the clip stays TVLARS's own
+    for name, value in (("lmbda", 1e-4), ("alpha", 0.5), ("delay", 10.0), ("gamma_min", 0.1)):
+        assert cfg.science_key != cfg.replace(**{name: value}).science_key, name
+    assert cfg.phi_args == dict(lmbda=1e-3, alpha=0.1, delay=0.0, gamma_min=0.0)
+    assert "lmbda" in irrelevant_fields(cfg.replace(sd="cosine"))
+    assert "any optimizer with sd phi" in HELP["lmbda"] and "phi" in HELP["sd"]
 
 
 def test_every_setting_is_explained():

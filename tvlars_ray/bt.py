@@ -333,7 +333,7 @@ def pretrain(cfg: TrialConfig, worker: Worker, backbone: nn.Module, feature_dim:
                           worker.rank, worker.world, cfg.seed)
     optimizer = build_optimizer(cfg.opt, model, cfg)
     schedule = build_schedule(optimizer, cfg.sd, max(cfg.cl_epochs, 1), len(loader), cfg.bs,
-                              cfg.warmup_epochs)
+                              cfg.warmup_epochs, phi=cfg.phi_args)
     start = 0
     if state is not None:
         unwrap(model).load_state_dict(state["model"])

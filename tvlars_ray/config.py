@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .bounds import BOUNDS, check
-from .optim.registry import available_optimizers, get_spec, optimizer_settings
+from .optim.registry import PHI_SETTINGS, available_optimizers, get_spec, optimizer_settings
 
 MODES = ("clf", "bt")
-SCHEDULES = ("none", "cosine", "lars-warm")
+SCHEDULES = ("none", "cosine", "lars-warm", "phi")
 STEMS = ("imagenet", "cifar")
 NORMS = ("dataset", "imagenet")
 LOADERS = ("device", "torch")
@@ -114,6 +114,11 @@ class TrialConfig:
         return self.bs // max(self.num_workers, 1)
 
     @property
+    def phi_args(self) -> dict[str, float]:
+        """The keyword arguments of ``tvlars_phi``: TVLARS's phi(t) and the ``phi`` schedule."""
+        return {name: getattr(self, name) for name in PHI_SETTINGS}
+
+    @property
     def projector_dims(self) -> list[int]:
         return [int(x) for x in self.projector.split("-")]
 
@@ -146,7 +151,8 @@ _HELP = {
     "delay": "d_e, the optimizer steps before phi's decay is centred",
     "gamma_min": "phi's floor",
     "norm_clip": "clip on both norms of the trust ratio (none: no clip)",
-    "sd": "lr schedule per iteration: none, cosine or lars-warm",
+    "sd": "lr schedule per iteration: none, cosine, lars-warm, or phi (the lr times TVLARS's "
+          "phi(t), for any optimizer but TVLARS)",
     "warmup_epochs": "warm-up epochs of lars-warm",
     "data_dir": "where datasets live (default TVLARS_DATA_DIR, else a user cache folder); "
                 "for imagefolder, the folder or .zip itself",
@@ -187,6 +193,8 @@ class _Help(Mapping[str, str]):
         if name in optimizer_settings():
             users = [get_spec(n).display for n in available_optimizers()
                      if name in get_spec(n).settings]
+            if name in PHI_SETTINGS:
+                users.append("any optimizer with sd phi")
             return f"{', '.join(users)}: {text}"
         return text
 
@@ -212,6 +220,8 @@ def irrelevant_fields(c: TrialConfig) -> frozenset[str]:
     """Settings that cannot change this trial's numbers (lmbda for LARS, warm-up without
     lars-warm, ...): nulled in the store and ignored when deduplicating a grid."""
     out = set(optimizer_settings() - set(get_spec(c.opt).settings))
+    if c.sd == "phi":
+        out -= set(PHI_SETTINGS)
     if c.sd != "lars-warm":
         out.add("warmup_epochs")
     if c.mode != "bt":
@@ -329,6 +339,12 @@ def _validate(c: TrialConfig) -> None:
                 check(name, getattr(c, name))
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+    spec = get_spec(c.opt)
+    _need(
+        not (c.sd == "phi" and set(PHI_SETTINGS) <= set(spec.settings)),
+        f"sd phi with opt {c.opt}: {spec.display} already scales its steps by phi(t), so the "
+        f"schedule would apply it twice; use sd none (or phi with another optimizer)",
+    )
     if c.num_workers > 0:
         _need(
             c.bs % c.num_workers == 0,

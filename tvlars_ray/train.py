@@ -349,7 +349,7 @@ def run_classification(cfg: TrialConfig, job: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model, move_to_device=worker.device)
     optimizer = build_optimizer(cfg.opt, model, cfg)
     schedule = build_schedule(optimizer, cfg.sd, cfg.epochs, len(train_loader), cfg.bs,
-                              cfg.warmup_epochs)
+                              cfg.warmup_epochs, phi=cfg.phi_args)
     start = 0
     state = load_checkpoint(worker.device)
     if state is not None:
