@@ -38,13 +38,13 @@ from tvlars_ray.config import TrialConfig  # noqa: E402
 from tvlars_ray.data import (  # noqa: E402
     BatchAugment,
     DeviceLoader,
+    EpochLoader,
     Transformed,
     dataset_stats,
     in_memory_dataset,
     load_dataset,
     torch_transform,
 )
-from tvlars_ray.train import EpochLoader  # noqa: E402
 
 
 def data_config(args) -> dict:
@@ -107,7 +107,7 @@ def plain_epochs(cfg: TrialConfig, device: torch.device, kind: str, epochs: int,
     """Training images/s per epoch of a plain loop (no Ray), the project's model and data."""
     from tvlars_ray.models import build_model
     from tvlars_ray.optim import build_optimizer
-    from tvlars_ray.train import Worker, train_epoch
+    from tvlars_ray.worker import Worker, train_epoch
 
     torch.manual_seed(cfg.seed)
     worker = Worker(0, 1, device, amp, channels_last)
@@ -148,14 +148,15 @@ def plain_trial(cfg: TrialConfig, rank: int = 0, world: int = 1) -> list[dict]:
     images/s and the wall time of train + evaluation."""
     import torch.distributed as dist
 
+    from tvlars_ray.data import build_loaders
     from tvlars_ray.models import build_model
     from tvlars_ray.optim import build_optimizer
     from tvlars_ray.schedules import build_schedule
-    from tvlars_ray.train import Worker, build_loaders, evaluate, train_epoch
+    from tvlars_ray.worker import Worker, evaluate, train_epoch
 
     torch.manual_seed(cfg.seed)
     worker = Worker(rank, world, torch.device("cpu"), False, False)
-    train, test, classes = build_loaders(cfg, worker)
+    train, test, classes = build_loaders(cfg, worker.rank, worker.world, worker.device)
     model = build_model(cfg.model, classes, cfg.stem)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
@@ -219,7 +220,7 @@ def ray_trial(cfg: TrialConfig, store: str, name: str) -> list[dict]:
 
 
 def bench_ray(args) -> None:
-    from tvlars_ray.sweep import connect
+    from tvlars_ray.cluster import connect
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     epochs = max(args.repeats, 3) + 1

@@ -19,7 +19,7 @@ def ray_session():
     """A local Ray with 2 CPUs and the trial-driver resource, shared by a test module."""
     import ray
 
-    from tvlars_ray.sweep import connect
+    from tvlars_ray.cluster import connect
 
     if ray.is_initialized():
         ray.shutdown()

@@ -21,8 +21,8 @@ from tvlars_ray.config import TrialConfig
 from tvlars_ray.data import BatchAugment, DeviceLoader, load_dataset
 from tvlars_ray.models import build_model, split_head
 from tvlars_ray.store import Store
-from tvlars_ray.train import Worker, train_epoch
 from tvlars_ray.trial import fit_trial
+from tvlars_ray.worker import Worker, train_epoch
 
 from .conftest import CIFAR_ZIP
 
@@ -178,3 +178,34 @@ def test_pretraining_beats_a_random_backbone_on_cifar10(ray_session, tmp_path):
     trained, random = trials.loc["trained", "final_test_acc"], trials.loc["random",
                                                                             "final_test_acc"]
     assert trained > random + 0.03, (trained, random)
+
+
+def test_bt_refuses_the_dataloader_and_ignores_its_settings():
+    from tvlars_ray.config import ConfigError, irrelevant_fields
+
+    with pytest.raises(ConfigError, match="mode bt augments its two views on the device"):
+        TrialConfig(mode="bt", loader="torch")
+    bt = TrialConfig(mode="bt", loader_workers=4)
+    assert {"loader", "loader_workers"} <= irrelevant_fields(bt)
+    assert bt.science_key == TrialConfig(mode="bt").science_key
+
+
+def test_both_bt_stages_honour_compile(tmp_path, monkeypatch):
+    """Each stage's model goes through torch.compile (dynamo's eager backend here, to skip
+    the C++ code generation that takes a minute on a CPU) and still trains."""
+    from tvlars_ray.worker import unwrap
+
+    compiled, real = [], torch.compile
+
+    def compile_eagerly(model, **kwargs):
+        compiled.append(type(unwrap(model)).__name__)
+        return real(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    cfg = TrialConfig(mode="bt", ds="synthetic", model="cnn", stem="cifar", train_subset=64,
+                      test_subset=32, bs=16, cl_epochs=1, epochs=1, projector="32-16",
+                      num_workers=0, compile=True, opt="lars", lr=0.5)
+    assert fit_trial(cfg, str(tmp_path), "e", "compiled") == "completed"
+    assert compiled == ["BarlowTwins", "LinearEval"]
+    epochs = Store(str(tmp_path)).read_epochs("e")
+    assert list(epochs["stage"]) == ["pretrain", "linear"] and epochs["test_acc"].notna().any()

@@ -32,7 +32,7 @@ def test_text_values_are_typed():
 
 @pytest.mark.parametrize("values, words", [
     ({"opt": "adamm"}, ["optimizer", "adamm", "did you mean 'adam'"]),
-    ({"ds": "imagenet"}, ["dataset", "imagenet"]),
+    ({"ds": "imagenet21k"}, ["dataset", "imagenet21k"]),
     ({"bs": 30, "num_workers": 4}, ["bs 30", "not divisible", "num_workers 4"]),
     ({"lr": -1}, ["lr", "positive"]),
     ({"momentum": 1.0}, ["momentum"]),

@@ -8,7 +8,7 @@ from tvlars_ray.data import BatchAugment, DeviceLoader, load_dataset
 from tvlars_ray.models import build_model
 from tvlars_ray.optim import build_optimizer
 from tvlars_ray.schedules import build_schedule
-from tvlars_ray.train import Worker, optimizer_stats, train_step
+from tvlars_ray.worker import Worker, optimizer_stats, train_step
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

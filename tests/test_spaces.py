@@ -12,7 +12,8 @@ PAPER = {512: ([1, 2, 3], 4), 1024: ([5, 8, 10], 5), 2048: ([10, 12, 15], 6),
          16384: ([12, 15, 17, 20, 25, 30, 35], 7), 32768: ([12, 15, 17, 20, 25, 30, 35], 7)}
 
 EXPECTED = {"paper-nowarmup": 246, "paper-warmup": 42, "readme-grid": 18, "quickstart": 6,
-            "tinyimagenet": 42, "readme-grid-bt": 18, "ablation-phi": 63}
+            "tinyimagenet": 42, "readme-grid-bt": 18, "ablation-phi": 63,
+            "imagenet-lars": 24}
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))

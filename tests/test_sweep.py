@@ -4,10 +4,10 @@ import pandas as pd
 import pytest
 import yaml
 
+from tvlars_ray.cluster import DRIVER_RESOURCE, ClusterError, plan
 from tvlars_ray.config import TrialConfig
 from tvlars_ray.run import main
 from tvlars_ray.store import read_epochs, read_trials
-from tvlars_ray.sweep import DRIVER_RESOURCE, SweepError, plan
 
 TINY = {"ds": "synthetic", "model": "cnn", "stem": "cifar", "train_subset": 256,
         "test_subset": 128, "epochs": 2, "bs": 32, "num_workers": 2, "cpus_per_worker": 1}
@@ -66,10 +66,10 @@ def test_optuna_study_lands_in_the_store(ray_session, tmp_path):
 def test_plan_refuses_trials_that_cannot_fit():
     cfg = TrialConfig(ds="synthetic", num_workers=4, cpus_per_worker=1)
     nodes = [{"CPU": 2.0, DRIVER_RESOURCE: 100.0}]
-    with pytest.raises(SweepError, match="cannot fit"):
+    with pytest.raises(ClusterError, match="cannot fit"):
         plan([cfg], nodes)
     gpu = TrialConfig(ds="synthetic", num_workers=2, use_gpu=True)
-    with pytest.raises(SweepError, match="GPU"):
+    with pytest.raises(ClusterError, match="GPU"):
         plan([gpu], [{"CPU": 16.0, "GPU": 1.0}])
     # 8 GPUs, 2 per trial: 4 at a time, never more GPUs than there are
     four = plan([gpu], [{"CPU": 16.0, "GPU": 4.0}, {"CPU": 16.0, "GPU": 4.0}])

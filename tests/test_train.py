@@ -102,11 +102,11 @@ def test_device_loader_and_dataloader_train_alike():
     """The device-resident path and the classic DataLoader path: same accuracy (within noise)."""
     import torch
 
-    from tvlars_ray.data import dataset_stats, load_dataset
+    from tvlars_ray.data import build_loaders, dataset_stats, load_dataset
     from tvlars_ray.models import build_model
     from tvlars_ray.optim import build_optimizer
     from tvlars_ray.schedules import build_schedule
-    from tvlars_ray.train import Worker, build_loaders, evaluate, train_epoch
+    from tvlars_ray.worker import Worker, evaluate, train_epoch
 
     curves = {}
     for loader in ("device", "torch"):
@@ -114,7 +114,7 @@ def test_device_loader_and_dataloader_train_alike():
                    epochs=6, bs=64, num_workers=1)
         torch.manual_seed(0)
         worker = Worker(0, 1, torch.device("cpu"), False, False)
-        train, test, classes = build_loaders(cfg, worker)
+        train, test, classes = build_loaders(cfg, worker.rank, worker.world, worker.device)
         model = build_model(cfg.model, classes, cfg.stem)
         optimizer = build_optimizer(cfg.opt, model, cfg)
         schedule = build_schedule(optimizer, "cosine", cfg.epochs, len(train), cfg.bs, 0)
@@ -128,3 +128,10 @@ def test_device_loader_and_dataloader_train_alike():
     assert abs(device[-1] - classic[-1]) < 0.1, curves
     assert abs(sum(device) / 6 - sum(classic) / 6) < 0.1, curves
     assert dataset_stats("synthetic", "dataset", load_dataset("synthetic", None, 0, 10, 10)[0])
+
+
+def test_every_mode_has_a_recipe():
+    from tvlars_ray.config import MODES
+    from tvlars_ray.train import RECIPES
+
+    assert set(RECIPES) == set(MODES)

@@ -32,7 +32,7 @@ class Bound:
         if self.low == 0 and self.high is None:
             text = "positive" if self.low_open else "non-negative"
         elif self.high is None and self.low is not None:
-            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+            text = f"{'more than' if self.low_open else 'at least'} {self.low:g}"
         elif self.low is None and self.high is None:
             text = "a finite number"
         else:

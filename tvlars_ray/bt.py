@@ -16,28 +16,28 @@ restarted trial continues in the stage and at the epoch where it stopped.
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
-import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .compat import all_reduce_with_grad
 from .config import TrialConfig
 from .data import BatchAugment, DeviceLoader, dataset_stats, load_dataset
 from .models import build_model, split_head
 from .optim import build_optimizer
 from .schedules import build_schedule
-from .train import (
+from .worker import (
     Recorder,
+    Stage,
     Worker,
-    epoch_seed,
     evaluate,
     load_checkpoint,
-    optimizer_stats,
-    report,
+    optimise,
+    prepare_model,
+    run_stage,
     seed_everything,
     train_epoch,
     unwrap,
@@ -63,13 +63,6 @@ def projector(in_dim: int, dims: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _sum_all(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over the DDP ranks, with a backward pass (the gradient is summed too)."""
-    from torch.distributed._functional_collectives import all_reduce
-
-    return all_reduce(tensor, "sum", dist.group.WORLD)
-
-
 class BarlowTwins(nn.Module):
     """Backbone + projector; ``forward(y1, y2)`` returns the loss over the global batch."""
 
@@ -87,7 +80,7 @@ class BarlowTwins(nn.Module):
             z1, z2 = z1.float(), z2.float()
         c = self.bn(z1).T @ self.bn(z2) / self.global_batch
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            c = _sum_all(c)  # differentiable: each rank gets the global matrix
+            c = all_reduce_with_grad(c)  # differentiable: each rank gets the global matrix
         return barlow_twins_loss(c, self.btlmbda)
 
 
@@ -112,11 +105,11 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         shape = [1, channels] + [1] * (x.dim() - 2)
         xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
         count = torch.tensor([x.numel() / channels], device=x.device, dtype=xf.dtype)
-        totals = _sum_all(torch.cat([xf.sum(dims), count]))
+        totals = all_reduce_with_grad(torch.cat([xf.sum(dims), count]))
         n = totals[-1]
         mean = totals[:channels] / n
         centred = xf - mean.view(shape)
-        var = _sum_all((centred * centred).sum(dims)) / n  # two passes: no cancellation
+        var = all_reduce_with_grad((centred * centred).sum(dims)) / n  # two passes: no cancellation
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
@@ -292,13 +285,16 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 # -- the stages ------------------------------------------------------------------------------
-def run_barlow_twins(cfg: TrialConfig, job: dict[str, Any]) -> None:
+def run(cfg: TrialConfig, job: dict[str, Any]) -> None:
+    """Both stages on this worker, continuing in the stage and at the epoch of the trial's
+    checkpoint if it has one."""
     worker = Worker.current(cfg)
+    recorder = Recorder(cfg, job, worker)
     seed_everything(cfg.seed)
     train, test = load_dataset(cfg.ds, cfg.data_dir, cfg.seed, cfg.train_subset,
                                cfg.test_subset)
     mean, std = dataset_stats(cfg.ds, cfg.norm, train)
-    recorder = Recorder(cfg, job, worker)
+    recorder.mark("data_ready_at")
     state = load_checkpoint(worker.device)
 
     def fresh_backbone() -> tuple[nn.Module, int]:
@@ -317,6 +313,21 @@ def run_barlow_twins(cfg: TrialConfig, job: dict[str, Any]) -> None:
                       state)
 
 
+def pretrain_epoch(model: nn.Module, loader, optimizer, schedule, worker: Worker) -> dict:
+    """One pass of Barlow Twins pre-training over this rank's shard."""
+    model.train()
+    tally = worker.tally(1)
+    lr = optimizer.param_groups[0]["lr"]
+    for (y1, y2), _ in loader:
+        lr = optimizer.param_groups[0]["lr"]
+        with worker.autocast():
+            loss = model(worker.inputs(y1), worker.inputs(y2))
+        optimise(loss, optimizer, schedule)
+        tally.add(len(y1), loss * len(y1))
+    (loss_sum,), count = tally.total()
+    return {"cl_loss": loss_sum / count, "lr_now": lr, "train_samples": int(count)}
+
+
 def pretrain(cfg: TrialConfig, worker: Worker, backbone: nn.Module, feature_dim: int, train,
              mean, std, recorder: Recorder, state: dict | None) -> dict | None:
     """Stage 1: the trained backbone's weights, or None if the loss diverged.
@@ -326,54 +337,18 @@ def pretrain(cfg: TrialConfig, worker: Worker, backbone: nn.Module, feature_dim:
     model = BarlowTwins(backbone, feature_dim, cfg.projector_dims, cfg.btlmbda, cfg.bs)
     if worker.world > 1:
         model = synchronise_batchnorm(model, worker.device)
-    if worker.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model, move_to_device=worker.device)
+    model = prepare_model(model, worker, cfg.compile)
     loader = DeviceLoader(train, cfg.bs // worker.world, TwoViews(mean, std), worker.device,
                           worker.rank, worker.world, cfg.seed)
     optimizer = build_optimizer(cfg.opt, model, cfg)
     schedule = build_schedule(optimizer, cfg.sd, max(cfg.cl_epochs, 1), len(loader), cfg.bs,
                               cfg.warmup_epochs, phi=cfg.phi_args)
-    start = 0
-    if state is not None:
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        start = state["epoch"] + 1
-    for epoch in range(start, cfg.cl_epochs):
-        began = time.perf_counter()
-        torch.manual_seed(epoch_seed(cfg.seed, epoch, worker.rank))
-        loader.set_epoch(epoch)
-        model.train()
-        tally = worker.tally(1)
-        lr = optimizer.param_groups[0]["lr"]
-        for (y1, y2), _ in loader:
-            lr = optimizer.param_groups[0]["lr"]
-            with worker.autocast():
-                loss = model(worker.inputs(y1), worker.inputs(y2))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            tally.add(len(y1), loss * len(y1))
-        (loss_sum,), count = tally.total()
-        train_time = time.perf_counter() - began
-        cl_loss = loss_sum / count
-        diverged = not math.isfinite(cl_loss)
-        metrics = {"epoch": epoch, "cl_loss": cl_loss, "lr_now": lr, "step": schedule.last_epoch,
-                   "diverged": diverged, "train_samples": int(count),
-                   "samples_per_s": count / max(train_time, 1e-9),
-                   **optimizer_stats(optimizer), "epoch_time_s": time.perf_counter() - began}
-        recorder.record("pretrain", epoch, metrics)
-        checkpoint = None
-        if not diverged and (epoch == cfg.cl_epochs - 1
-                             or (epoch + 1) % cfg.checkpoint_every == 0):
-            checkpoint = {"stage": "pretrain", "epoch": epoch,
-                          "model": unwrap(model).state_dict(),
-                          "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
-        report(worker, metrics, checkpoint)
-        if diverged:
-            return None
+    stage = Stage("pretrain", model, optimizer, schedule, loader, cfg.cl_epochs,
+                  one_epoch=lambda batches: pretrain_epoch(model, batches, optimizer, schedule,
+                                                           worker),
+                  loss="cl_loss")
+    if not run_stage(stage, worker, cfg, recorder, state):
+        return None
     return unwrap(model).backbone.state_dict()
 
 
@@ -381,10 +356,8 @@ def linear_evaluation(cfg: TrialConfig, worker: Worker, backbone: nn.Module, fea
                       train, test, mean, std, recorder: Recorder, state: dict | None) -> None:
     """Stage 2: the linear classifier on the (frozen) pre-trained backbone."""
     finetune = cfg.lr_backbone > 0
-    model = LinearEval(backbone, feature_dim, train.num_classes, finetune)
-    if worker.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model, move_to_device=worker.device)
+    model = prepare_model(LinearEval(backbone, feature_dim, train.num_classes, finetune),
+                          worker, cfg.compile)
     per_worker = cfg.bs // worker.world
     loader = DeviceLoader(train, per_worker, BatchAugment(mean, std), worker.device, worker.rank,
                           worker.world, cfg.seed)
@@ -396,29 +369,9 @@ def linear_evaluation(cfg: TrialConfig, worker: Worker, backbone: nn.Module, fea
         groups.append({"params": list(net.backbone.parameters()), "lr": cfg.lr_backbone})
     optimizer = torch.optim.SGD(groups, momentum=0.9, weight_decay=cfg.wd)
     schedule = build_schedule(optimizer, "cosine", cfg.epochs, len(loader), cfg.bs, 0)
-    start = 0
-    if state is not None:
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        start = state["epoch"] + 1
-    for epoch in range(start, cfg.epochs):
-        began = time.perf_counter()
-        torch.manual_seed(epoch_seed(cfg.seed, 10_000 + epoch, worker.rank))
-        loader.set_epoch(epoch)
-        metrics = train_epoch(model, loader, optimizer, schedule, worker)
-        train_time = time.perf_counter() - began
-        diverged = not math.isfinite(metrics["train_loss"])
-        if not diverged:
-            metrics.update(evaluate(model, test_loader, worker, topk5=True))
-        metrics.update(epoch=epoch, step=schedule.last_epoch, diverged=diverged,
-                       epoch_time_s=time.perf_counter() - began,
-                       samples_per_s=metrics["train_samples"] / max(train_time, 1e-9))
-        recorder.record("linear", epoch, metrics)
-        checkpoint = None
-        if not diverged and (epoch == cfg.epochs - 1 or (epoch + 1) % cfg.checkpoint_every == 0):
-            checkpoint = {"stage": "linear", "epoch": epoch, "model": net.state_dict(),
-                          "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
-        report(worker, metrics, checkpoint)
-        if diverged:
-            return
+    stage = Stage("linear", model, optimizer, schedule, loader, cfg.epochs,
+                  one_epoch=lambda batches: train_epoch(model, batches, optimizer, schedule,
+                                                        worker),
+                  evaluate=lambda: evaluate(model, test_loader, worker, topk5=True),
+                  seed_offset=10_000)
+    run_stage(stage, worker, cfg, recorder, state)

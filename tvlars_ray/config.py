@@ -14,11 +14,14 @@ import json
 import re
 import types
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .bounds import BOUNDS, check
+from .data import DATASETS
+from .errors import UserError
+from .models import MODELS
 from .optim.registry import PHI_SETTINGS, available_optimizers, get_spec, optimizer_settings
 
 MODES = ("clf", "bt")
@@ -29,7 +32,7 @@ LOADERS = ("device", "torch")
 AMPS = ("auto", "none", "bf16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad setting. The message is one readable line naming the setting and the fix."""
 
 
@@ -133,7 +136,7 @@ class TrialConfig:
 
 _HELP = {
     "mode": "clf (classification) or bt (Barlow Twins pre-training, then linear evaluation)",
-    "ds": "dataset: synthetic, cifar10, cifar100, tinyimagenet or imagefolder",
+    "ds": "dataset: synthetic, cifar10, cifar100, tinyimagenet, imagenet or imagefolder",
     "model": "network: cnn (small, for demos), resnet18, resnet34, resnet50, effb0",
     "stem": "imagenet (torchvision's 7x7/2 stem and max-pool, as the reference) or cifar "
             "(3x3/1, no max-pool)",
@@ -160,7 +163,8 @@ _HELP = {
     "test_subset": "use a stratified, seeded subset of this many test images",
     "norm": "normalisation statistics: dataset (its own) or imagenet (as the reference)",
     "loader": "device (images on the worker's device, batched augmentation) or torch "
-              "(DataLoader, per-sample transforms; for data that does not fit in memory)",
+              "(DataLoader, per-sample transforms; for data that does not fit in memory or "
+              "whose images differ in size)",
     "loader_workers": "DataLoader processes per DDP worker with loader torch (the reference "
                       "--workers)",
     "cl_epochs": "Barlow Twins pre-training epochs (0: linear evaluation of a random backbone)",
@@ -226,11 +230,28 @@ def irrelevant_fields(c: TrialConfig) -> frozenset[str]:
         out.add("warmup_epochs")
     if c.mode != "bt":
         out |= BT_FIELDS
-    if c.loader != "torch":
+    if c.loader != "torch" or c.mode == "bt":
         out.add("loader_workers")
+    if c.mode == "bt":  # Barlow Twins always augments its views on the device
+        out.add("loader")
     if not c.use_gpu:
         out.add("gpus_per_worker")
     return frozenset(out)
+
+
+def trial_table(trials: Sequence[TrialConfig]) -> list[dict[str, Any]]:
+    """The settings that vary across trials, one dict per trial (for --dry-run and display)."""
+    keys = varying_keys(trials)
+    return [{k: getattr(c, k) for k in keys} for c in trials]
+
+
+def varying_keys(trials: Sequence[TrialConfig]) -> list[str]:
+    keys = []
+    for name in TrialConfig.__dataclass_fields__:
+        values = {getattr(c, name) for c in trials if name not in irrelevant_fields(c)}
+        if len(values) > 1:
+            keys.append(name)
+    return keys
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrialConfig))
@@ -320,9 +341,6 @@ def _one_of(name: str, value: str, choices: typing.Iterable[str]) -> None:
 
 
 def _validate(c: TrialConfig) -> None:
-    from .data import DATASETS
-    from .models import MODELS
-
     _one_of("mode", c.mode, MODES)
     _one_of("dataset (ds)", c.ds, DATASETS)
     _one_of("model", c.model, MODELS)
@@ -352,6 +370,9 @@ def _validate(c: TrialConfig) -> None:
             f"use a batch size that is a multiple of the worker count",
         )
 
+    _need(c.mode != "bt" or c.loader == "device",
+          "mode bt augments its two views on the device: loader torch is not supported there "
+          "(drop loader=torch)")
     _need(
         re.fullmatch(r"[1-9]\d*(-[1-9]\d*)*", c.projector) is not None,
         f"projector must look like 4096-4096-4096 (dims joined by '-'), got {c.projector!r}",

@@ -36,10 +36,10 @@ class SmallCNN(nn.Module):
 
 def build_model(name: str, num_classes: int, stem: str = "imagenet") -> nn.Module:
     """An untrained classifier with its head sized for ``num_classes``."""
-    import torchvision.models as tvm
-
     if name == "cnn":
         return SmallCNN(num_classes)
+    import torchvision.models as tvm  # seconds to import: only the models that need it pay
+
     if name.startswith("resnet"):
         model = getattr(tvm, name)(weights=None, num_classes=num_classes)
         if stem == "cifar":

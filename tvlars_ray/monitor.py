@@ -12,6 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import ray
+from ray.util.metrics import Gauge
+
+from .store import STATUSES
 
 TRIAL_TAGS = ("experiment", "trial_id", "opt", "bs")
 TRIAL_GAUGES = {
@@ -29,8 +32,6 @@ class TrialMetrics:
         self.gauges = {}
         if not ray.is_initialized() or not trial_id:
             return
-        from ray.util.metrics import Gauge
-
         self.tags = {"experiment": str(experiment), "trial_id": str(trial_id), "opt": opt,
                      "bs": str(bs)}
         self.gauges = {name: Gauge(f"tvlars_{name}", description=text, tag_keys=TRIAL_TAGS)
@@ -47,13 +48,11 @@ class SweepMetrics:
     """Trials of a sweep per status, set by the driver as Tune reports them."""
 
     def __init__(self, experiment: str) -> None:
-        from ray.util.metrics import Gauge
-
         self.experiment = experiment
         self.gauge = Gauge("tvlars_trials", description="trials of the sweep per status",
                            tag_keys=("experiment", "status"))
 
     def update(self, counts: dict[str, int]) -> None:
-        for status in ("pending", "running", "completed", "diverged", "stopped", "failed"):
+        for status in ("pending", *STATUSES):
             self.gauge.set(float(counts.get(status, 0)),
                            tags={"experiment": self.experiment, "status": status})

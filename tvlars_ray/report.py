@@ -22,8 +22,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .config import FIELD_NAMES, RESOURCE_FIELDS  # noqa: E402
-from .optim import PHI_SETTINGS, available_optimizers, get_spec  # noqa: E402
-from .store import Store  # noqa: E402
+from .optim import PHI_SETTINGS, available_optimizers, get_spec, tvlars_phi  # noqa: E402
+from .schedules import lr_multiplier  # noqa: E402
+from .store import ENDED, Store  # noqa: E402
 
 GROUP = ["ds", "model", "mode"]
 SCIENCE = [f for f in FIELD_NAMES if f not in RESOURCE_FIELDS and f != "seed"]
@@ -179,9 +180,6 @@ def plot_heatmaps(trials: pd.DataFrame, out: Path) -> list[Path]:
 
 def plot_schedules(trials: pd.DataFrame, epochs: pd.DataFrame, out: Path) -> list[Path]:
     """The lr multiplier of each schedule present, and TVLARS phi(t) for each lambda."""
-    from .optim import tvlars_phi
-    from .schedules import lr_multiplier
-
     if trials.empty:
         return []
     steps_per_epoch = 1
@@ -272,7 +270,7 @@ def write_report(store: Store, experiment: str | None, out: str | Path | None) -
     folder.mkdir(parents=True, exist_ok=True)
     trials = store.read_trials(experiment)
     epochs = store.read_epochs(experiment)
-    finished = trials[trials["status"].isin(["completed", "diverged", "stopped"])]
+    finished = trials[trials["status"].isin(ENDED)]
     table = paper_table(finished)
     points = _points(finished)
     table.to_csv(folder / "table.csv", index=False)

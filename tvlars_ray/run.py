@@ -2,6 +2,10 @@
 
 Every setting is checked before Ray starts; a bad one ends the command with a one-line
 ``error:`` naming it, and exit status 2.
+
+Ray Tune, Ray Train and matplotlib take seconds to import, so the commands import the modules
+built on them (sweep, trial, cluster, report) when they need them: ``--help``, ``status`` and
+a refused input answer at once.
 """
 
 from __future__ import annotations
@@ -13,7 +17,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import FIELD_NAMES, HELP, ConfigError, TrialConfig, field_type
+from .config import (
+    FIELD_NAMES,
+    HELP,
+    ConfigError,
+    TrialConfig,
+    field_type,
+    trial_table,
+    varying_keys,
+)
+from .console import fmt, pct, render_table
+from .data import check_trials, cost_estimate
+from .errors import UserError
+from .spaces import load_space, parse_overrides
+from .store import STATUSES, Store
 
 DEFAULT_STORE = "results"
 DEFAULT_SPACE = "quickstart"
@@ -129,8 +146,6 @@ def _resource_overrides(args: argparse.Namespace, space_fixed: dict[str, Any],
 
 
 def _load(args: argparse.Namespace, cluster_gpus: float = 0.0):
-    from .spaces import load_space, parse_overrides
-
     space = load_space(args.space or DEFAULT_SPACE)
     overrides = parse_overrides(args.overrides)
     overrides.update(_resource_overrides(args, {**space.fixed, **overrides}, cluster_gpus))
@@ -140,11 +155,9 @@ def _load(args: argparse.Namespace, cluster_gpus: float = 0.0):
 
 
 def check_data(trials: list[TrialConfig]) -> None:
-    """Every dataset the trials need is there (or downloadable) before Ray starts."""
-    from .data import ensure_available
-
-    for ds, data_dir in sorted({(c.ds, c.data_dir) for c in trials}, key=str):
-        ensure_available(ds, data_dir)
+    """Every dataset the trials need is there and readable the way they read it, before Ray
+    starts."""
+    check_trials(trials)
 
 
 def _sweep(args: argparse.Namespace, space) -> Any:
@@ -158,10 +171,10 @@ def _sweep(args: argparse.Namespace, space) -> Any:
 
 def _cluster_gpus(args: argparse.Namespace) -> float:
     """GPUs in the cluster (starting or joining Ray): decides the default worker kind."""
-    from .sweep import cluster_nodes, connect
+    from .cluster import cluster_gpus, connect
 
     connect(args.address)
-    return sum(n.get("GPU", 0) for n in cluster_nodes())
+    return cluster_gpus()
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
@@ -189,7 +202,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 
 def cmd_optuna(args: argparse.Namespace) -> int:
-    from .sweep import plan, run_optuna
+    from .cluster import plan
+    from .sweep import run_optuna
 
     space = _load(args)
     if not space.is_optuna:
@@ -235,8 +249,6 @@ def cmd_trial(args: argparse.Namespace) -> int:
 
 
 def _finish(args: argparse.Namespace, experiment: str, report: bool) -> None:
-    from .store import Store
-
     st = Store(args.store)
     print()
     print(summary_table(st, experiment))
@@ -249,10 +261,8 @@ def _finish(args: argparse.Namespace, experiment: str, report: bool) -> None:
         print(f"report: {out}")
 
 
-def summary_table(st, experiment: str | None) -> str:
+def summary_table(st: Store, experiment: str | None) -> str:
     """One line per trial: its settings that vary, final and best accuracy, status."""
-    from .sweep import varying_keys
-
     trials = st.read_trials(experiment)
     if trials.empty:
         return "no trials recorded"
@@ -263,30 +273,15 @@ def summary_table(st, experiment: str | None) -> str:
     for row in trials.to_dict("records"):
         values = {k: row[k] for k in FIELD_NAMES if row.get(k) is not None and row[k] == row[k]}
         cfgs.append(TrialConfig.from_dict(values))
-    keys = [k for k in ("opt", "lr") if k not in varying_keys(cfgs)] + varying_keys(cfgs)
-    keys = list(dict.fromkeys(["opt", "lr", *keys]))
+    keys = list(dict.fromkeys(["opt", "lr", *varying_keys(cfgs)]))
     header = ["trial", *keys, "epochs", "final_acc", "best_acc", "status"]
-    rows = []
-    for row, cfg in zip(trials.to_dict("records"), cfgs):
-        rows.append([row["trial_id"], *(_fmt(getattr(cfg, k)) for k in keys),
-                     str(row["epochs_done"]), _pct(row["final_test_acc"]),
-                     _pct(row["best_test_acc"]), row["status"]])
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in [header, *rows]]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _pct(value: Any) -> str:
-    return "-" if value is None or value != value else f"{100 * value:.2f}%"
+    rows = [[row["trial_id"], *(fmt(getattr(cfg, k)) for k in keys), row["epochs_done"],
+             pct(row["final_test_acc"]), pct(row["best_test_acc"]), row["status"]]
+            for row, cfg in zip(trials.to_dict("records"), cfgs)]
+    return render_table(header, rows, rule=True)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .store import Store
-
     st = Store(args.store)
     names = [args.experiment] if args.experiment else st.experiments()
     if not names:
@@ -300,8 +295,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         counts = trials["status"].value_counts().to_dict() if len(trials) else {}
         planned = _planned(st, name)
         pending = max(planned - len(trials), 0) if planned else 0
-        parts = [f"{counts.get(s, 0)} {s}" for s in
-                 ("completed", "running", "diverged", "stopped", "failed")]
+        parts = [f"{counts.get(s, 0)} {s}" for s in STATUSES]
         if pending:
             parts.append(f"{pending} not started")
         print(f"experiment {name}: {len(trials)} trials ({', '.join(parts)})")
@@ -310,18 +304,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _planned(st, experiment: str) -> int:
-    from .sweep import SweepError, load_grid
-
-    try:
-        return len(load_grid(st, experiment))
-    except SweepError:  # not a grid: an Optuna study or single trials
-        return 0
+def _planned(st: Store, experiment: str) -> int:
+    """Trials the experiment's grid holds (0 for an Optuna study or single trials)."""
+    return len(st.read_grid(experiment) or {})
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
-    from .store import Store
 
     out = write_report(Store(args.store), args.experiment, args.out)
     print(f"report written to {out}")
@@ -330,7 +319,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .report import export_reference
-    from .store import Store
 
     written = export_reference(Store(args.store), args.experiment, Path(args.out))
     print(f"wrote {len(written)} files under {args.out}")
@@ -338,7 +326,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _print_dry_run(space, trials: list[TrialConfig]) -> None:
-    from .sweep import plan, trial_table
+    from .cluster import plan
 
     merged = space.raw_points() - len(trials)
     print(f"space '{space.name}'" + (f": {space.description}" if space.description else ""))
@@ -346,12 +334,10 @@ def _print_dry_run(space, trials: list[TrialConfig]) -> None:
     table = trial_table(trials)
     keys = list(table[0]) if table and table[0] else []
     if keys:
-        widths = [max(len(k), *(len(_fmt(r[k])) for r in table)) for k in keys]
-        print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
-        for row in table:
-            print("  ".join(_fmt(row[k]).ljust(w) for k, w in zip(keys, widths)))
+        print(render_table(keys, [[fmt(row[k]) for k in keys] for row in table]))
     epochs = sum(c.epochs + (c.cl_epochs if c.mode == "bt" else 0) for c in trials)
     print(f"total: {epochs} trial-epochs")
+    print(cost_estimate(trials))
     print(plan(trials, None).describe().replace("; 1 trial(s) at a time", ""))
 
 
@@ -360,14 +346,10 @@ COMMANDS = {"grid": cmd_grid, "optuna": cmd_optuna, "trial": cmd_trial, "status"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import DataError
-    from .store import StoreError
-    from .sweep import SweepError
-
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, SweepError, DataError, StoreError) as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
 import socket
 import uuid
 from collections.abc import Iterable
@@ -28,11 +29,16 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import ray
 
 from .config import TrialConfig, field_type, irrelevant_fields
+from .errors import UserError
 
 STATUSES = ("running", "completed", "diverged", "stopped", "failed")
+# Trials that ended: those the report tables count.
+ENDED = ("completed", "diverged", "stopped")
 STAGES = ("train", "pretrain", "linear")
+GRID_FILE = "grid.json"
 
 _PA_TYPES = {int: pa.int64(), float: pa.float64(), bool: pa.bool_(), str: pa.string()}
 _TS = pa.timestamp("us", tz="UTC")
@@ -72,6 +78,14 @@ EPOCH_COLUMNS = [
     ("node_ip", pa.string(), "", "address of the node that ran rank 0"),
     ("node_id", pa.string(), "", "Ray node id of the node that ran rank 0"),
     ("recorded_at", _TS, "UTC", "when the row was written"),
+    ("worker_started_at", _TS, "UTC", "when rank 0's process of this attempt started"),
+    ("worker_ready_at", _TS, "UTC", "when Ray Train handed that process the trial (imports, "
+     "Train context and process group done)"),
+    ("data_ready_at", _TS, "UTC", "when that process had its data (loaded, on its device)"),
+    ("loop_started_at", _TS, "UTC", "when data, model and optimizer were ready and the "
+     "attempt's first epoch began"),
+    ("first_step_s", pa.float64(), "s", "time to the end of the epoch's first optimizer step "
+     "(data, forward, backward, step: warm-up costs show here)"),
 ]
 TRIAL_COLUMNS = [
     ("config", pa.string(), "JSON", "every setting of the trial, exactly as it ran"),
@@ -98,14 +112,12 @@ TRIAL_SCHEMA = _schema(IDENTITY_COLUMNS + CONFIG_COLUMNS + TRIAL_COLUMNS)
 SCHEMA = {"epochs": EPOCH_SCHEMA, "trials": TRIAL_SCHEMA}
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """The store cannot be used as asked."""
 
 
 def node_ip() -> str:
     try:
-        import ray
-
         if ray.is_initialized():
             return ray.util.get_node_ip_address()
     except Exception:  # noqa: BLE001 - the address is informative only
@@ -116,8 +128,6 @@ def node_ip() -> str:
 def node_id() -> str | None:
     """This process's Ray node (two nodes on one machine share an address, not an id)."""
     try:
-        import ray
-
         if ray.is_initialized():
             return ray.get_runtime_context().get_node_id()
     except Exception:  # noqa: BLE001 - informative only
@@ -143,8 +153,6 @@ class Store:
         if "://" in self.uri:
             self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
         else:
-            import os
-
             self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(self.uri)
         self.root = self.root.rstrip("/")
 
@@ -231,6 +239,32 @@ class Store:
     def row_config(row: dict[str, Any]) -> TrialConfig:
         """The TrialConfig a stored trial row was written from, exactly."""
         return TrialConfig.from_dict(json.loads(row["config"]))
+
+    # -- experiment files -------------------------------------------------------------------
+    def write_json(self, experiment: str, name: str, value: Any) -> None:
+        """A small JSON file in the experiment's folder, replaced atomically."""
+        folder = self.path(experiment)
+        self.fs.create_dir(folder, recursive=True)
+        tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}"
+        with self.fs.open_output_stream(tmp) as fh:
+            fh.write(json.dumps(value, indent=1, sort_keys=True).encode())
+        self.fs.move(tmp, self.path(experiment, name))
+
+    def read_json(self, experiment: str, name: str) -> Any | None:
+        """The JSON file's value, or None if the experiment has no such file."""
+        path = self.path(experiment, name)
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as fh:
+            return json.loads(fh.read().decode())
+
+    def write_grid(self, experiment: str, grid: dict[str, dict[str, Any]]) -> None:
+        """The grid as it was started: trial key -> settings (a resume runs exactly this)."""
+        self.write_json(experiment, GRID_FILE, grid)
+
+    def read_grid(self, experiment: str) -> dict[str, dict[str, Any]] | None:
+        """The grid the experiment was started with, or None if `grid` did not start it."""
+        return self.read_json(experiment, GRID_FILE)
 
     # -- reading --------------------------------------------------------------------------
     def _files(self, folder: str) -> list[str]:

@@ -1,189 +1,48 @@
-"""Ray Tune over trials: each Tune trial is a function that builds and fits one TorchTrainer.
+"""Ray Tune over trials: each Tune trial is a driver function that builds and fits one
+TorchTrainer.
 
-This is the only module that knows Tune. It never touches tensors: it sizes resources, starts
-(or joins) Ray, hands each trial's settings to Ray Train, and keeps the store's per-trial rows
-right when Tune itself ends a trial (an early stop, a crash).
-
-Resources: a trial's own process (the Tune function) takes a sliver of the custom resource
-``TUNE_DRIVER``, not a CPU, so the CPUs and GPUs all go to the DDP workers; otherwise a trial's
-driver CPU plus its workers' CPUs can exceed a node and Ray waits forever. Ray started here
-declares that resource; on a cluster without it the driver takes 0.01 CPU and the plan is
-checked to fit before anything starts.
+This is the only module that knows Tune. It never touches tensors: it hands each trial's
+settings to Ray Train (through :mod:`tvlars_ray.trial`), on resources planned by
+:mod:`tvlars_ray.cluster`, and keeps the store's per-trial rows right when Tune itself ends a
+trial (an early stop, a crash).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import ray
 from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
 
+from .cluster import Plan, check_shared_store, cluster_nodes, connect, plan
 from .config import ConfigError, TrialConfig
+from .console import pct, render_table
+from .errors import UserError
 from .monitor import SweepMetrics
 from .store import Store
-from .trial import expected_epochs, final_status, fit_trial, one_line, worker_resources
-
-DRIVER_RESOURCE = "TUNE_DRIVER"
-DRIVER_SHARE = 0.01
-# Ray Train's controller polls its workers this often; its default (2 s) makes every
-# ray.train.report wait up to 2 s, which dominates short epochs.
-TRAIN_POLL_S = "0.25"
-# A local Ray's dashboard agent samples every process every 5 s by default; on a laptop whose
-# cores all train, that costs the DDP workers ~10% of their speed. Every 15 s is plenty there.
-LOCAL_REPORTER_MS = "15000"
+from .trial import expected_epochs, final_status, fit_trial, one_line
 
 
-class SweepError(RuntimeError):
+class SweepError(UserError, RuntimeError):
     """The sweep cannot start as asked; the message says why and what to change."""
 
 
-# -- Ray -----------------------------------------------------------------------------------
-def ray_env() -> dict[str, str]:
-    return {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S":
-            os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)}
-
-
-def connect(address: str | None = None, num_cpus: int | None = None,
-            num_gpus: int | None = None) -> None:
-    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a new local Ray
-    (with its dashboard, and the driver resource declared)."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    os.environ.update(ray_env())
-    runtime_env = {"env_vars": ray_env()}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env)
-        return
-    os.environ.setdefault("REPORTER_UPDATE_INTERVAL_MS", LOCAL_REPORTER_MS)
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
-             resources={DRIVER_RESOURCE: 1000.0}, include_dashboard=True,
-             runtime_env=runtime_env)
-
-
-def cluster_nodes() -> list[dict[str, float]]:
-    """The resources of each node the sweep may use: the alive ones, or, on an autoscaling
-    cluster whose node types can hold more GPUs than are up now, the nodes it may grow to."""
-    alive = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
-    potential = _autoscaler_nodes()
-    head = [n for n in alive if not n.get("GPU")]
-
-    def gpus(nodes: list[dict[str, float]]) -> float:
-        return sum(n.get("GPU", 0) for n in nodes)
-
-    return head + potential if gpus(potential) > gpus(alive) else alive
-
-
-def _autoscaler_nodes(cap: int = 64) -> list[dict[str, float]]:
-    """The GPU node types the autoscaler may launch, each at its max count (none without an
-    autoscaler, or where Ray does not report its configuration)."""
-    try:
-        from ray._private.state import state
-
-        config = state.get_cluster_config()
-    except Exception:  # noqa: BLE001 - older clusters do not report it
-        return []
-    nodes: list[dict[str, float]] = []
-    for group in getattr(config, "node_group_configs", []) or []:
-        resources = {k: float(v) for k, v in group.resources.items()}
-        if resources.get("GPU"):
-            count = group.max_count if group.max_count >= 0 else cap
-            nodes += [resources] * min(count, cap)
-    return nodes
-
-
-# -- planning ------------------------------------------------------------------------------
-@dataclass
-class Plan:
-    """What one trial asks of the cluster, and how many trials run at once."""
-
-    driver: dict[str, float]
-    worker: dict[str, float]
-    workers: int
-    concurrency: int
-
-    def describe(self) -> str:
-        def fmt(res: dict[str, float]) -> str:
-            return ", ".join(f"{v:g} {k}" for k, v in res.items() if v)
-
-        return (f"each trial: driver {{{fmt(self.driver)}}} + {self.workers} x worker "
-                f"{{{fmt(self.worker)}}}; {self.concurrency} trial(s) at a time")
-
-
-def plan(trials: Sequence[TrialConfig], nodes: list[dict[str, float]] | None,
-         max_concurrent: int | None = None) -> Plan:
-    """Check that every trial fits the cluster and derive the concurrency.
-
-    ``nodes=None`` plans for a Ray started here (it will declare the driver resource).
-    """
-    shapes = {(c.num_workers, tuple(sorted(worker_resources(c).items()))) for c in trials}
-    if len(shapes) > 1:
-        raise SweepError("trials of one sweep must ask for the same resources (workers, CPUs, "
-                         "GPUs per worker): split the grid or fix them with --set")
-    first = trials[0]
-    worker = worker_resources(first)
-    workers = max(first.num_workers, 1)
-    has_driver = nodes is None or any(n.get(DRIVER_RESOURCE, 0) >= DRIVER_SHARE for n in nodes)
-    driver = {DRIVER_RESOURCE: DRIVER_SHARE} if has_driver else {"CPU": DRIVER_SHARE}
-    if nodes is None:
-        return Plan(driver, worker, workers, max_concurrent or 1)
-
-    need = {k: v * workers for k, v in worker.items()}
-    for key, value in driver.items():
-        need[key] = need.get(key, 0) + value
-    totals: dict[str, float] = {}
-    for node in nodes:
-        for key, value in node.items():
-            totals[key] = totals.get(key, 0) + value
-    fits_node = any(all(node.get(k, 0) >= v for k, v in worker.items()) for node in nodes)
-    short = [f"{need[k]:g} {k} (cluster has {totals.get(k, 0):g})" for k in need
-             if totals.get(k, 0) + 1e-9 < need[k]]
-    if short or not fits_node:
-        what = "; ".join(short) or f"a worker needing {worker} fits on no single node"
-        hint = ("lower --workers-per-trial / --cpus-per-worker, or add nodes"
-                if not first.use_gpu else
-                "lower --workers-per-trial / --gpus-per-worker, or add GPU nodes")
-        raise SweepError(f"one trial cannot fit on this cluster: it needs {what}: {hint}")
-    fit = min(math.floor(totals.get(k, 0) / v + 1e-9) for k, v in need.items() if v > 0)
-    concurrency = max(1, fit)
-    if max_concurrent:
-        concurrency = min(concurrency, max_concurrent)
-    return Plan(driver, worker, workers, concurrency)
-
-
-def trial_table(trials: Sequence[TrialConfig]) -> list[dict[str, Any]]:
-    """The settings that vary across trials, one dict per trial (for --dry-run and display)."""
-    keys = varying_keys(trials)
-    return [{k: getattr(c, k) for k in keys} for c in trials]
-
-
-def varying_keys(trials: Sequence[TrialConfig]) -> list[str]:
-    from .config import irrelevant_fields
-
-    keys = []
-    for name in TrialConfig.__dataclass_fields__:
-        values = {getattr(c, name) for c in trials if name not in irrelevant_fields(c)}
-        if len(values) > 1:
-            keys.append(name)
-    return keys
-
-
 # -- the Tune trial ----------------------------------------------------------------------
-def run_trial(config: dict[str, Any], store: str, experiment: str,
-              grid: dict[str, dict[str, Any]] | None = None,
-              base: dict[str, Any] | None = None) -> None:
-    """One Tune trial: one TorchTrainer run, its reports forwarded to Tune.
+def train_driver_fn(config: dict[str, Any], store: str, experiment: str,
+                    grid: dict[str, dict[str, Any]] | None = None,
+                    base: dict[str, Any] | None = None) -> None:
+    """One Tune trial, run in its driver process: one TorchTrainer run, its reports forwarded
+    to Tune.
 
     A grid trial finds its settings in ``grid`` under ``config["trial"]``; an Optuna trial
     merges its sampled values into ``base``.
     """
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     cfg = TrialConfig.from_dict(trial_settings(config, grid, base))
     fit_trial(cfg, store, experiment, tune.get_context().get_trial_id(),
               callbacks=[TuneReportCallback()], record_failure=False)
@@ -236,8 +95,6 @@ class ProgressTable(tune.Callback):
         self._maybe_print(trials, force=True)
 
     def _maybe_print(self, trials: list, force: bool = False) -> None:
-        import time
-
         now = time.monotonic()
         if not force and now - self.last_print < self.every:
             return
@@ -259,20 +116,11 @@ class ProgressTable(tune.Callback):
                 str(cfg.get("bs", TrialConfig.bs)), f"{float(cfg.get('lr', TrialConfig.lr)):g}",
                 f"{float(cfg.get('lmbda', TrialConfig.lmbda)):g}"
                 if cfg.get("opt") == "tvlars" else "-",
-                epoch, _pct(acc), _pct(self.best.get(trial.trial_id)),
+                epoch, pct(acc), pct(self.best.get(trial.trial_id)),
                 f"{result['samples_per_s']:.0f}" if "samples_per_s" in result else "-",
             ])
-        widths = [max(len(str(x)) for x in col) for col in zip(self.COLUMNS, *rows)]
-        lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths))
-                 for line in [self.COLUMNS, *rows]]
         head = "trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
-        return "\n".join(["", head, *lines])
-
-
-def _pct(value: Any) -> str:
-    if not isinstance(value, (int, float)) or value != value:
-        return "-"
-    return f"{100 * value:.1f}%"
+        return "\n".join(["", head, render_table(self.COLUMNS, rows)])
 
 
 class StoreCallback(tune.Callback):
@@ -365,25 +213,17 @@ class Sweep:
         return st.uri_of(self.experiment, "tune")
 
 
-def save_grid(st: Store, experiment: str, grid: dict[str, dict[str, Any]]) -> None:
-    path = st.path(experiment, "grid.json")
-    st.fs.create_dir(st.path(experiment), recursive=True)
-    with st.fs.open_output_stream(path) as fh:
-        fh.write(json.dumps(grid, indent=1, sort_keys=True).encode())
-
-
 def load_grid(st: Store, experiment: str) -> dict[str, dict[str, Any]]:
     """The grid as it was started (a resume runs that, whatever the space file says now)."""
-    try:
-        with st.fs.open_input_stream(st.path(experiment, "grid.json")) as fh:
-            return json.loads(fh.read().decode())
-    except (FileNotFoundError, OSError):
+    grid = st.read_grid(experiment)
+    if grid is None:
         raise SweepError(f"experiment '{experiment}' in {st.uri} was not started by `grid` "
-                         f"(no grid.json): resume it with the command that started it") from None
+                         f"(no grid.json): resume it with the command that started it")
+    return grid
 
 
 def _trainable(st: Store, sweep: Sweep, plan_: Plan, **params: Any):
-    fn = tune.with_parameters(run_trial, store=st.uri_of(), experiment=sweep.experiment,
+    fn = tune.with_parameters(train_driver_fn, store=st.uri_of(), experiment=sweep.experiment,
                               **params)
     fn = tune.with_resources(fn, plan_.driver)
     return fn
@@ -412,7 +252,7 @@ def run_grid(trials: Sequence[TrialConfig], sweep: Sweep) -> tune.ResultGrid:
     plan_ = plan(cfgs, cluster_nodes(), sweep.max_concurrent)
     check_shared_store(st)
     if not sweep.resume:
-        save_grid(st, sweep.experiment, grid)
+        st.write_grid(sweep.experiment, grid)
     trainable = _trainable(st, sweep, plan_, grid=grid)
     path = sweep.tune_path(st)
     if sweep.resume and tune.Tuner.can_restore(path):
@@ -431,9 +271,6 @@ def run_grid(trials: Sequence[TrialConfig], sweep: Sweep) -> tune.ResultGrid:
 def run_optuna(space, num_samples: int, sweep: Sweep, seed: int = 0,
                asha: bool = False, grace_period: int = 1) -> tune.ResultGrid:
     """An Optuna study through Tune's OptunaSearch (seeded), optionally with ASHA stopping."""
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
     st = sweep.prepare()
     base = space.base_config()
     probe = TrialConfig.from_dict(base)
@@ -469,20 +306,6 @@ def _domain(kind: str, args: list[Any]):
     if kind == "loguniform":
         return tune.loguniform(*args)
     return tune.randint(args[0], args[1] + 1)
-
-
-def check_shared_store(st: Store) -> None:
-    """A multi-node cluster must write to storage every node sees."""
-    alive = [n for n in ray.nodes() if n.get("Alive")]
-    hosts = {n.get("NodeManagerAddress") for n in alive}
-    if len(hosts) <= 1 or not st.is_local:  # one machine sees its own disk
-        return
-    if os.environ.get("TVLARS_SHARED_FS") == "1":
-        return
-    raise SweepError(
-        f"the store {st.uri} is a local path but the cluster has {len(alive)} nodes: use "
-        f"storage every node sees (s3://..., gs://..., or an NFS mount, then set "
-        f"TVLARS_SHARED_FS=1)")
 
 
 def trials_or_error(space) -> list[TrialConfig]:

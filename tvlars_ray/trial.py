@@ -1,22 +1,21 @@
 """One trial as one Ray Train run: the piece both the grid and the ``trial`` command use.
 
-It knows Ray Train, not Tune: a Tune trial passes Tune's report callback in.
+It runs on the trial's driver (a Tune trial's function, or the ``trial`` command itself) and
+knows Ray Train, not Tune: a Tune trial passes Tune's report callback in.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import pandas as pd
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from .cluster import cluster_nodes, connect, plan, worker_resources
 from .config import TrialConfig
 from .store import Store
-from .train import train_func
-
-
-def worker_resources(cfg: TrialConfig) -> dict[str, float]:
-    res = {"CPU": cfg.cpus_per_worker}
-    if cfg.use_gpu:
-        res["GPU"] = cfg.gpus_per_worker
-    return res
+from .train import train_fn_per_worker
 
 
 def one_line(exc: BaseException) -> str:
@@ -28,7 +27,7 @@ def expected_epochs(cfg: TrialConfig) -> int:
     return cfg.epochs + (cfg.cl_epochs if cfg.mode == "bt" else 0)
 
 
-def final_status(cfg: TrialConfig, epochs) -> str:
+def final_status(cfg: TrialConfig, epochs: pd.DataFrame) -> str:
     """What a trial that stopped running amounts to, from its stored epochs."""
     if bool(epochs["diverged"].fillna(False).any()):
         return "diverged"
@@ -44,19 +43,10 @@ def fit_trial(cfg: TrialConfig, store: str, experiment: str, trial_id: str,
     after recording ``failed`` unless the caller settles failures itself (under Tune, a run
     that Tune stops early also ends in an exception, and Tune knows which it was).
     """
-    from ray.train import (
-        CheckpointConfig,
-        FailureConfig,
-        LoggingConfig,
-        RunConfig,
-        ScalingConfig,
-    )
-    from ray.train.torch import TorchTrainer
-
     st = Store(store)
     st.write_trial(experiment, trial_id, cfg, "running", here=True)
     trainer = TorchTrainer(
-        train_func,
+        train_fn_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "store": st.uri_of(), "experiment": experiment,
                            "trial_id": trial_id},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
@@ -84,8 +74,6 @@ def run_single(cfg: TrialConfig, store: str, experiment: str, trial_id: str,
                address: str | None = None) -> str:
     """The ``trial`` command: on Ray workers, or in this process when ``num_workers == 0``."""
     if cfg.num_workers > 0:
-        from .sweep import cluster_nodes, connect, plan
-
         connect(address)
         plan([cfg], cluster_nodes())  # a trial that cannot fit is an error, not a hang
     try:
