@@ -20,9 +20,9 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q
 
+# Every bench/*.py, then one table of figures against targets (bench/summary.py).
 bench: $(STAMP)
-	$(PY) bench/optim_step.py
-	$(PY) bench/throughput.py
+	$(PY) bench/summary.py
 
 clean:
 	rm -rf results reports runs .pytest_cache .ruff_cache

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from _figures import emit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -97,6 +98,8 @@ def bench_loader(args) -> None:
     ok = rows["device"] >= 5 * best_torch
     print(f"  target device >= 5x DataLoader: {'PASS' if ok else 'FAIL'} "
           f"({rows['device'] / best_torch:.1f}x)")
+    emit(f"throughput.loader_device_vs_dataloader_{device.type}", rows["device"] / best_torch,
+         "x", at_least=5)
 
 
 def plain_epochs(cfg: TrialConfig, device: torch.device, kind: str, epochs: int,
@@ -108,7 +111,7 @@ def plain_epochs(cfg: TrialConfig, device: torch.device, kind: str, epochs: int,
 
     torch.manual_seed(cfg.seed)
     worker = Worker(0, 1, device, amp, channels_last)
-    train, _ = _loaders(cfg, device, kind, cfg.workers)
+    train, _ = _loaders(cfg, device, kind, cfg.loader_workers)
     model = build_model(cfg.model, 10, cfg.stem).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -126,7 +129,7 @@ def plain_epochs(cfg: TrialConfig, device: torch.device, kind: str, epochs: int,
 def bench_epoch(args) -> None:
     cfg = TrialConfig.from_dict({**data_config(args), "model": "resnet18", "stem": "imagenet",
                                  "opt": "lars", "lr": 5.0, "bs": 128, "train_subset": 3000,
-                                 "test_subset": 100, "workers": 0})
+                                 "test_subset": 100, "loader_workers": 0})
     device = torch.device(args.device)
     print(f"\n== epoch: ResNet-18 (ImageNet stem) training images/s, plain loop, {cfg.ds}")
     rates = {}
@@ -136,6 +139,8 @@ def bench_epoch(args) -> None:
         print(f"  {kind:8s} loader  {rate:8.1f} images/s   x{rate / rates['torch']:.2f}")
     ok = rates["device"] >= 0.97 * rates["torch"]
     print(f"  target device loader no slower: {'PASS' if ok else 'FAIL'}")
+    emit("throughput.epoch_device_vs_torch_loader", rates["device"] / rates["torch"], "x",
+         at_least=0.97)
 
 
 def plain_trial(cfg: TrialConfig, rank: int = 0, world: int = 1) -> list[dict]:
@@ -250,6 +255,7 @@ def bench_ray(args) -> None:
         print(f"  -> Ray's per-epoch overhead: {100 * overhead:+.1f}% of the plain epoch")
     print(f"  target Ray overhead < 10% of the plain loop: "
           f"{'PASS' if worst < 0.10 else 'FAIL'} (worst {100 * worst:+.1f}%)")
+    emit("throughput.ray_epoch_overhead_worst", 100 * worst, "%", at_most=10)
 
 
 def bench_gpu(args) -> None:
@@ -263,7 +269,7 @@ def bench_gpu(args) -> None:
                 cfg = TrialConfig.from_dict({**data, "model": "resnet18", "stem": stem,
                                              "opt": "lars", "lr": 5.0, "bs": 512,
                                              "train_subset": 20000, "test_subset": 100,
-                                             "workers": 8 if kind == "torch" else 0})
+                                             "loader_workers": 8 if kind == "torch" else 0})
                 rates = plain_epochs(cfg, device, kind, 3, amp=amp, channels_last=amp)
                 results[(stem, kind, amp)] = statistics.median(rates[1:])
                 print(f"  stem {stem:8s} {kind:6s} loader  {'bf16+CL' if amp else 'fp32   '} "
@@ -274,6 +280,8 @@ def bench_gpu(args) -> None:
           f"{'PASS' if best >= 15000 else 'FAIL'} ({best:.0f})")
     print(f"  target device loader >= 3x DataLoader (ImageNet stem): "
           f"{'PASS' if ratio >= 3 else 'FAIL'} ({ratio:.1f}x)")
+    emit("throughput.gpu_cifar_bf16_images_per_s", best, "img/s", at_least=15000)
+    emit("throughput.gpu_device_vs_dataloader", ratio, "x", at_least=3)
 
 
 def main() -> None:

@@ -153,11 +153,13 @@ class Reference:
         self.params = [p.detach().clone() for p in params]
         self.state: dict[int, dict] = {}
         self.ratios: list[float] = []
+        self.norms: list[tuple[float, float]] = []  # (||w||, ||direction||) before any clip
         self.phi0: float | None = None
         self.clipped = False
 
     def step(self, grads: list[torch.Tensor | None]) -> None:
         self.ratios = []
+        self.norms = []
         self.phi0 = None
         for k, ((_, _, gi, _), w, g) in enumerate(zip(LAYOUT, self.params, grads)):
             if g is None:
@@ -179,6 +181,7 @@ class Reference:
         else:
             d = g + h["weight_decay"] * w
             wn, dn = w.norm().item(), d.norm().item()
+            self.norms.append((wn, dn))
             if wn == 0 or dn == 0:
                 q = 1.0
             elif self.name == "lars":
@@ -210,6 +213,7 @@ class Reference:
         else:
             u = u + h["weight_decay"] * w
             wn, un = w.norm().item(), u.norm().item()
+            self.norms.append((wn, un))
             clip = h["weight_norm_clip"]
             if clip is not None:
                 self.clipped |= wn > clip
@@ -229,6 +233,9 @@ def run_both(name: str, variant: str, foreach: bool | None, steps: int):
         ref.step([None if p.grad is None else p.grad.clone() for p in params])
         torch.testing.assert_close(
             opt.last_trust_ratios, torch.tensor(ref.ratios, dtype=torch.float64), **TIGHT
+        )
+        torch.testing.assert_close(
+            opt.last_norms, torch.tensor(ref.norms, dtype=torch.float64).T, **TIGHT
         )
         if name == "tvlars":
             torch.testing.assert_close(
@@ -258,12 +265,12 @@ def test_matches_reference(name: str, variant: str, foreach: bool) -> None:
 def test_fast_path_layouts(name: str, variant: str, layout: str, monkeypatch) -> None:
     """The multi-tensor path split into many cache-sized runs (as for a large model on CPU),
     and run whole with allocated temporaries (as on an accelerator), still matches."""
-    import tvlars_ray.optim._functional as functional
+    import tvlars_ray.optim._kernels as kernels
 
     if layout == "accelerator":
-        monkeypatch.setattr(functional, "BLOCKED_DEVICE_TYPES", ())
+        monkeypatch.setattr(kernels, "BLOCKED_DEVICE_TYPES", ())
     else:
-        monkeypatch.setattr(functional, "CPU_CHUNK_NUMEL", 30 if layout == "runs_of_30" else 1)
+        monkeypatch.setattr(kernels, "CPU_CHUNK_NUMEL", 30 if layout == "runs_of_30" else 1)
     params, _, ref = run_both(name, variant, foreach=True, steps=20)
     for p, expected in zip(params, ref.params):
         torch.testing.assert_close(p.detach(), expected, **TIGHT)
@@ -278,11 +285,12 @@ def test_foreach_matches_loop(name: str, variant: str) -> None:
         for step in range(1, 21):
             set_grads(params, step)
             opt.step()
-        results.append((params, opt.last_trust_ratios))
-    (p_fast, r_fast), (p_loop, r_loop) = results
+        results.append((params, opt.last_trust_ratios, opt.last_norms))
+    (p_fast, r_fast, n_fast), (p_loop, r_loop, n_loop) = results
     for a, b in zip(p_fast, p_loop):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(r_fast, r_loop, rtol=1e-12, atol=0)
+    torch.testing.assert_close(n_fast, n_loop, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("name", FAMILY)
@@ -313,6 +321,7 @@ def test_half_precision_params(name: str, dtype: torch.dtype) -> None:
             opt.step()
         assert all(p.dtype == dtype and torch.isfinite(p).all() for p in params)
         assert opt.last_trust_ratios.dtype == torch.float32
+        assert opt.last_norms.dtype == torch.float32
 
 
 @pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
@@ -328,6 +337,8 @@ def test_step_never_reads_values(name: str, variant: str, foreach: bool) -> None
             p.grad = None if k == AT["nograd"] else torch.empty_like(p)
         opt.step()
     assert opt.last_trust_ratios.device.type == "meta"
+    assert opt.last_norms.device.type == "meta"
+    assert opt.last_norms.shape == (2, len(opt.last_trust_ratios))
     if name == "tvlars":
         assert opt.last_phi.device.type == "meta"
 
@@ -356,6 +367,7 @@ def test_cuda_step_has_no_host_sync(name: str) -> None:
     for i in range(1, 4):
         step(opt, i)
     assert opt.last_trust_ratios.device.type == "cuda"
+    assert opt.last_norms.device.type == "cuda"
     # a checkpoint read back onto the CPU: the step counters return to the GPU on load
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
@@ -445,7 +457,7 @@ def test_observability(name: str, foreach: bool) -> None:
     params = make_params()
     opt = build(name, variant, params, foreach)
     ref = Reference(name, variant, params)
-    assert opt.last_trust_ratios is None
+    assert opt.last_trust_ratios is None and opt.last_norms is None
     if name == "tvlars":
         assert opt.last_phi is None
     set_grads(params, 1)
@@ -454,6 +466,8 @@ def test_observability(name: str, foreach: bool) -> None:
     ratios = opt.last_trust_ratios
     assert ratios.ndim == 1 and ratios.device == params[0].device
     torch.testing.assert_close(ratios, torch.tensor(ref.ratios, dtype=torch.float64), **TIGHT)
+    norms = opt.last_norms
+    assert norms.shape == (2, ratios.numel()) and norms.device == params[0].device
     if name == "tvlars":
         assert opt.last_phi.ndim == 0 and opt.last_phi.device == params[0].device
         assert opt.last_phi.item() == pytest.approx(ref.phi0, rel=1e-12)
@@ -465,7 +479,7 @@ def test_no_adapted_tensor_gives_none(name: str) -> None:
     opt = CLASSES[name]([bias], lr=0.1, exclude_1d=True)
     bias.grad = torch.randn(4, dtype=torch.float64)
     opt.step()
-    assert opt.last_trust_ratios is None
+    assert opt.last_trust_ratios is None and opt.last_norms is None
 
 
 @pytest.mark.parametrize("name", FAMILY)
@@ -480,9 +494,23 @@ def test_trust_ratios_follow_param_order_across_dtypes(name: str) -> None:
             p.grad = torch.full_like(p, 0.1)
         opt = CLASSES[name](ps, lr=0.1, weight_decay=0.01, foreach=foreach)
         opt.step()
-        results.append(opt.last_trust_ratios)
-    assert results[0].shape == (3,)
-    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=0)
+        results.append((opt.last_trust_ratios, opt.last_norms))
+        # the norms, taken directly: ||w|| before the step and the direction's norm
+        direct = []
+        for w in (a, b, c):
+            w = w.detach().double()
+            if name == "lamb":  # first step: m = 0.1 g, v = 0.001 g^2, no bias correction
+                g = torch.full_like(w, 0.1)
+                direction = 0.1 * g / ((0.001 * g * g).sqrt() + 1e-6) + 0.01 * w
+            else:
+                direction = 0.1 + 0.01 * w
+            direct.append((w.norm().item(), direction.norm().item()))
+        torch.testing.assert_close(opt.last_norms.double(),
+                                   torch.tensor(direct, dtype=torch.float64).T,
+                                   rtol=1e-6, atol=0)
+    assert results[0][0].shape == (3,) and results[0][1].shape == (2, 3)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("name", FAMILY)
@@ -529,6 +557,15 @@ BAD_ARGS = [
     (LAMB, dict(betas=(1.0, 0.999)), "betas"),
     (LAMB, dict(betas=(0.9, -0.1)), "betas"),
     (LAMB, dict(weight_norm_clip=0.0), "weight_norm_clip"),
+    # the bounds the config holds too: lr and eta positive, nothing infinite or NaN
+    (LARS, dict(lr=0.0), "lr"),
+    (LARS, dict(eta=0.0), "eta"),
+    (LARS, dict(weight_decay=math.inf), "weight_decay"),
+    (TVLARS, dict(delay=math.nan), "delay"),
+    (TVLARS, dict(lmbda=math.inf), "lmbda"),
+    (LAMB, dict(lr=0.0), "lr"),
+    (LAMB, dict(eps=math.inf), "eps"),
+    (LAMB, dict(betas=(0.9, math.nan)), "betas"),
 ]
 
 
@@ -543,6 +580,31 @@ def test_bad_arguments(cls: type, kwargs: dict, arg: str) -> None:
     opt = cls([w], lr=0.1)
     with pytest.raises(ValueError, match=arg):
         opt.add_param_group({"params": [torch.randn(2, requires_grad=True)], **args})
+
+
+# the optimizers' arguments and the TrialConfig settings they come from
+SHARED_BOUNDS = [("lr", "lr"), ("weight_decay", "wd"), ("momentum", "momentum"), ("eta", "eta"),
+                 ("lmbda", "lmbda"), ("alpha", "alpha"), ("delay", "delay"),
+                 ("gamma_min", "gamma_min"), ("norm_clip", "norm_clip")]
+
+
+@pytest.mark.parametrize(("arg", "setting"), SHARED_BOUNDS)
+def test_optimizer_and_config_accept_the_same_values(arg: str, setting: str) -> None:
+    from tvlars_ray.config import ConfigError, TrialConfig
+
+    for value in (-1.0, 0.0, 1e-6, 0.5, 1.0, 30.0, math.inf, -math.inf, math.nan):
+        try:
+            TrialConfig(opt="tvlars", **{setting: value})
+            config_ok = True
+        except ConfigError:
+            config_ok = False
+        try:
+            TVLARS([torch.randn(3, 3, requires_grad=True)], **{"lr": 0.1, arg: value})
+            optimizer_ok = True
+        except ValueError:
+            optimizer_ok = False
+        assert config_ok == optimizer_ok, f"{setting}={value}: config {config_ok}, " \
+                                          f"optimizer {optimizer_ok}"
 
 
 # -- registry --------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ PAPER = {512: ([1, 2, 3], 4), 1024: ([5, 8, 10], 5), 2048: ([10, 12, 15], 6),
          16384: ([12, 15, 17, 20, 25, 30, 35], 7), 32768: ([12, 15, 17, 20, 25, 30, 35], 7)}
 
 EXPECTED = {"paper-nowarmup": 246, "paper-warmup": 42, "readme-grid": 18, "quickstart": 6,
-            "tinyimagenet": 42, "readme-grid-bt": 18, "imagenet-lars": 24, "cifar10-cpu": 18}
+            "tinyimagenet": 42, "readme-grid-bt": 18, "ablation-phi": 63,
+            "imagenet-lars": 24, "cifar10-cpu": 18}
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
@@ -49,6 +50,20 @@ def test_paper_warmup_and_readme_grid():
     bt = load_space("readme-grid-bt").trials()
     assert {(t.lr, t.lmbda) for t in bt} == points
     assert {(t.mode, t.cl_epochs, t.bs, t.opt) for t in bt} == {("bt", 1000, 512, "tvlars")}
+
+
+def test_ablation_phi_has_its_seven_arms_on_one_lr_axis():
+    trials = load_space("ablation-phi").trials()
+    arms: dict[tuple, set] = {}
+    for t in trials:
+        arms.setdefault((t.opt, t.sd, t.delay, t.gamma_min), set()).add((t.lr, t.seed))
+    lars = {("lars", sd, 0.0, 0.0) for sd in ("none", "cosine", "phi", "lars-warm")}
+    tvlars = {("tvlars", "none", 0.0, 0.0), ("tvlars", "none", 4600.0, 0.0),
+              ("tvlars", "none", 0.0, 0.1)}
+    assert set(arms) == lars | tvlars
+    assert all(points == {(lr, seed) for lr in (1.0, 2.0, 3.0) for seed in range(3)}
+               for points in arms.values())
+    assert {(t.lmbda, t.alpha, t.momentum, t.bs) for t in trials} == {(1e-3, 0.1, 0.9, 512)}
 
 
 def test_branches_seeds_and_dedup(tmp_path):

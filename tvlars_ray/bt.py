@@ -342,7 +342,7 @@ def pretrain(cfg: TrialConfig, worker: Worker, backbone: nn.Module, feature_dim:
                           worker.rank, worker.world, cfg.seed)
     optimizer = build_optimizer(cfg.opt, model, cfg)
     schedule = build_schedule(optimizer, cfg.sd, max(cfg.cl_epochs, 1), len(loader), cfg.bs,
-                              cfg.warmup_epochs)
+                              cfg.warmup_epochs, phi=cfg.phi_args)
     stage = Stage("pretrain", model, optimizer, schedule, loader, cfg.cl_epochs,
                   one_epoch=lambda batches: pretrain_epoch(model, batches, optimizer, schedule,
                                                            worker),

@@ -38,7 +38,7 @@ def run(cfg: TrialConfig, job: dict[str, Any]) -> None:
     model = prepare_model(build_model(cfg.model, num_classes, cfg.stem), worker, cfg.compile)
     optimizer = build_optimizer(cfg.opt, model, cfg)
     schedule = build_schedule(optimizer, cfg.sd, cfg.epochs, len(train_loader), cfg.bs,
-                              cfg.warmup_epochs)
+                              cfg.warmup_epochs, phi=cfg.phi_args)
 
     def evaluate_all() -> dict[str, Any]:
         metrics = evaluate(model, test_loader, worker, topk5=num_classes > 10)

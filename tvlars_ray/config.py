@@ -14,7 +14,7 @@ import json
 import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +22,10 @@ from .bounds import BOUNDS, check
 from .data import DATASETS
 from .errors import UserError
 from .models import MODELS
-from .optim import available_optimizers, get_spec
+from .optim.registry import PHI_SETTINGS, available_optimizers, get_spec, optimizer_settings
 
 MODES = ("clf", "bt")
-SCHEDULES = ("none", "cosine", "lars-warm")
+SCHEDULES = ("none", "cosine", "lars-warm", "phi")
 STEMS = ("imagenet", "cifar")
 NORMS = ("dataset", "imagenet")
 LOADERS = ("device", "torch")
@@ -120,6 +120,11 @@ class TrialConfig:
         return self.bs // max(self.num_workers, 1)
 
     @property
+    def phi_args(self) -> dict[str, float]:
+        """The keyword arguments of ``tvlars_phi``: TVLARS's phi(t) and the ``phi`` schedule."""
+        return {name: getattr(self, name) for name in PHI_SETTINGS}
+
+    @property
     def projector_dims(self) -> list[int]:
         return [int(x) for x in self.projector.split("-")]
 
@@ -132,7 +137,7 @@ class TrialConfig:
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
-HELP = {
+_HELP = {
     "mode": "clf (classification) or bt (Barlow Twins pre-training, then linear evaluation)",
     "ds": "dataset: synthetic, cifar10, cifar100, tinyimagenet, imagenet or imagefolder",
     "model": "network: cnn (small, for demos), resnet18, resnet34, resnet50, effb0",
@@ -141,17 +146,19 @@ HELP = {
     "epochs": "training epochs (in bt mode: linear-evaluation epochs)",
     "bs": "global batch size, split evenly over the DDP workers",
     "seed": "seeds python, numpy, torch and the data order in every worker",
-    "opt": "optimizer: sgd, adam, adamw, adagrad, rmsprop, lars, tvlars, lamb",
+    "opt": "optimizer",  # the list comes from the registry
     "lr": "base learning rate",
     "wd": "weight decay",
-    "momentum": "momentum of sgd, lars and tvlars",
-    "eta": "LARS/TVLARS trust coefficient",
-    "lmbda": "TVLARS delay factor lambda: how fast phi decays",
-    "alpha": "TVLARS alpha: phi starts near 1/alpha",
-    "delay": "TVLARS d_e: optimizer steps before phi's decay is centred",
-    "gamma_min": "TVLARS gamma_min: phi's floor",
-    "norm_clip": "TVLARS clip on both norms of the trust ratio (none: no clip)",
-    "sd": "lr schedule per iteration: none, cosine or lars-warm",
+    # optimizer settings: which optimizers take each comes from the registry
+    "momentum": "heavy-ball momentum factor",
+    "eta": "trust coefficient of the layer-wise ratio",
+    "lmbda": "delay factor lambda, how fast phi decays",
+    "alpha": "phi starts near 1/alpha",
+    "delay": "d_e, the optimizer steps before phi's decay is centred",
+    "gamma_min": "phi's floor",
+    "norm_clip": "clip on both norms of the trust ratio (none: no clip)",
+    "sd": "lr schedule per iteration: none, cosine, lars-warm, or phi (the lr times TVLARS's "
+          "phi(t), for any optimizer but TVLARS)",
     "warmup_epochs": "warm-up epochs of lars-warm",
     "data_dir": "where datasets live (default TVLARS_DATA_DIR, else a user cache folder); "
                 "for imagefolder, the folder or .zip itself",
@@ -186,6 +193,34 @@ HELP = {
     "max_failures": "restarts from the last checkpoint after a worker dies",
 }
 
+
+
+class _Help(Mapping[str, str]):
+    """One line per setting; the optimizer's part is read from the registry when asked,
+    so an optimizer registered later is listed too."""
+
+    def __getitem__(self, name: str) -> str:
+        text = _HELP[name]
+        if name == "opt":
+            return f"{text}, one of: " + "; ".join(
+                f"{n} - {get_spec(n).description}" for n in available_optimizers())
+        if name in optimizer_settings():
+            users = [get_spec(n).display for n in available_optimizers()
+                     if name in get_spec(n).settings]
+            if name in PHI_SETTINGS:
+                users.append("any optimizer with sd phi")
+            return f"{', '.join(users)}: {text}"
+        return text
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_HELP)
+
+    def __len__(self) -> int:
+        return len(_HELP)
+
+
+HELP: Mapping[str, str] = _Help()
+
 # Settings that decide where and how fast a trial runs, or what it records besides, not what
 # it computes.
 RESOURCE_FIELDS = frozenset(
@@ -193,22 +228,17 @@ RESOURCE_FIELDS = frozenset(
      "checkpoint_every", "max_failures", "compile", "layer_every"}
 )
 
-TVLARS_FIELDS = frozenset({"lmbda", "alpha", "delay", "gamma_min", "norm_clip"})
 BT_FIELDS = frozenset({"cl_epochs", "btlmbda", "projector", "lr_classifier", "lr_backbone"})
 
 
 def irrelevant_fields(c: TrialConfig) -> frozenset[str]:
     """Settings that cannot change this trial's numbers (lmbda for LARS, warm-up without
     lars-warm, ...): nulled in the store and ignored when deduplicating a grid."""
-    out = set()
-    if c.opt != "tvlars":
-        out |= TVLARS_FIELDS
-    if c.opt not in ("lars", "tvlars"):
-        out.add("eta")
+    out = set(optimizer_settings() - set(get_spec(c.opt).settings))
+    if c.sd == "phi":
+        out -= set(PHI_SETTINGS)
     if not get_spec(c.opt).lars_family:
         out.add("layer_every")
-    if c.opt not in ("sgd", "lars", "tvlars"):
-        out.add("momentum")
     if c.sd != "lars-warm":
         out.add("warmup_epochs")
     if c.mode != "bt":
@@ -345,6 +375,12 @@ def _validate(c: TrialConfig) -> None:
           f"gpus_per_worker {c.gpus_per_worker:g} shares a GPU between trials, which needs one "
           f"worker per trial (NCCL cannot run two ranks of one trial on one GPU): set "
           f"num_workers 1, or gpus_per_worker 1")
+    spec = get_spec(c.opt)
+    _need(
+        not (c.sd == "phi" and set(PHI_SETTINGS) <= set(spec.settings)),
+        f"sd phi with opt {c.opt}: {spec.display} already scales its steps by phi(t), so the "
+        f"schedule would apply it twice; use sd none (or phi with another optimizer)",
+    )
     if c.num_workers > 0:
         _need(
             c.bs % c.num_workers == 0,

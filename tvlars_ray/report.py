@@ -25,19 +25,18 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .config import FIELD_NAMES, RESOURCE_FIELDS  # noqa: E402
-from .optim import tvlars_phi  # noqa: E402
+from .optim import PHI_SETTINGS, available_optimizers, get_spec, tvlars_phi  # noqa: E402
 from .schedules import lr_multiplier  # noqa: E402
 from .stats import interval, verdict  # noqa: E402
 from .store import ENDED, Store  # noqa: E402
 
 GROUP = ["ds", "model", "mode"]
 SCIENCE = [f for f in FIELD_NAMES if f not in RESOURCE_FIELDS and f != "seed"]
-OPT_NAMES = {"lars": "LARS", "tvlars": "TVLARS", "lamb": "LAMB", "sgd": "SGD", "adam": "Adam",
-             "adamw": "AdamW", "adagrad": "Adagrad", "rmsprop": "RMSprop"}
 
 
 def method_name(opt: str, sd: str) -> str:
-    name = OPT_NAMES.get(opt, opt)
+    """The optimizer's display name from the registry, with its schedule when it has one."""
+    name = get_spec(opt).display if opt in available_optimizers() else opt
     return f"{name} + warm-up" if sd == "lars-warm" else name if sd == "none" else f"{name} ({sd})"
 
 
@@ -326,22 +325,28 @@ def plot_schedules(trials: pd.DataFrame, epochs: pd.DataFrame, out: Path) -> lis
             last.groupby(["trial_id", "stage"])["epoch"].max() + 1)
         steps_per_epoch = max(1, int(per.median()))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for (sd, bs, n_epochs, warm), _ in trials.groupby(["sd", "bs", "epochs", "warmup_epochs"],
-                                                     dropna=False):
-        total = int(n_epochs) * steps_per_epoch
+    curves = trials[["sd", "bs", "epochs", "warmup_epochs", *PHI_SETTINGS]].copy()
+    curves.loc[curves["sd"] != "phi", list(PHI_SETTINGS)] = np.nan  # phi's only with sd phi
+    for _, row in curves.drop_duplicates().iterrows():
+        total = int(row["epochs"]) * steps_per_epoch
+        warm = row["warmup_epochs"]
         warm_steps = 0 if pd.isna(warm) else int(warm) * steps_per_epoch
+        phi = {k: float(row[k]) for k in PHI_SETTINGS} if row["sd"] == "phi" else None
         xs = np.linspace(0, total, 200).astype(int)
-        ys = [lr_multiplier(sd, int(s), total, int(bs), warm_steps) for s in xs]
-        ax1.plot(xs, ys, label=f"{sd}, bs {bs}")
+        ys = [lr_multiplier(row["sd"], int(s), total, int(row["bs"]), warm_steps, phi)
+              for s in xs]
+        label = f"{row['sd']}, bs {row['bs']}" + (f", λ {phi['lmbda']:g}" if phi else "")
+        ax1.plot(xs, ys, label=label)
     ax1.set(xlabel="step", ylabel="lr multiplier", title="learning-rate schedules")
     ax1.legend(fontsize=7)
-    tv = trials[trials["opt"] == "tvlars"]
+    tv = trials[(trials["opt"] == "tvlars") | (trials["sd"] == "phi")]
     total = int(trials["epochs"].max()) * steps_per_epoch
     xs = np.arange(1, max(total, 2) + 1)
     for (lmbda, alpha, delay, gmin), _ in tv.groupby(["lmbda", "alpha", "delay", "gamma_min"]):
-        ax2.plot(xs, [tvlars_phi(float(t), lmbda, alpha, delay, gmin) for t in xs],
-                 label=f"λ {lmbda:g}")
-    ax2.set(xlabel="step t", ylabel="phi(t)", title="TVLARS phi(t)")
+        label = f"λ {lmbda:g}" + (f", d_e {delay:g}" if delay else "") + (
+            f", γ_min {gmin:g}" if gmin else "")
+        ax2.plot(xs, [tvlars_phi(float(t), lmbda, alpha, delay, gmin) for t in xs], label=label)
+    ax2.set(xlabel="step t", ylabel="phi(t)", title="phi(t) of TVLARS and of sd phi")
     if len(tv):
         ax2.legend(fontsize=7)
     return [_save(fig, out / "schedules.png")]

@@ -11,37 +11,30 @@ For each parameter tensor ``w`` with gradient ``g``::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._functional import (
-    LayerwiseOptimizer,
-    RatioCollector,
+from ..bounds import check
+from ._kernels import (
     Workspace,
     blocked,
-    check_grad,
-    check_non_negative,
-    check_positive_or_none,
-    check_unit_interval,
     chunks,
     foreach_norms,
     group_by_device_and_dtype,
     is_excluded,
-    new_step,
     pair_norms,
     pick,
     scalar_dtype,
     split_adapted,
     trust_ratio,
 )
+from .base import LayerwiseOptimizer, RatioChunk
 
 __all__ = ["LAMB", "lamb"]
-
-RatioChunk = tuple[list[int], Tensor]
 
 
 class LAMB(LayerwiseOptimizer):
@@ -58,6 +51,8 @@ class LAMB(LayerwiseOptimizer):
         exclude_1d: leave tensors with ``ndim <= 1`` out of weight decay and adaptation.
         foreach: multi-tensor kernels (``None`` or ``True``) or the per-tensor loop (``False``).
     """
+
+    state_buffers = ("exp_avg", "exp_avg_sq")
 
     def __init__(
         self,
@@ -81,77 +76,47 @@ class LAMB(LayerwiseOptimizer):
             exclude_1d=exclude_1d,
             foreach=foreach,
         )
-        self._init(params, defaults)
+        super().__init__(params, defaults)
 
     @staticmethod
     def _validate(group: dict[str, Any]) -> None:
-        check_non_negative("lr", group["lr"])
-        check_non_negative("eps", group["eps"])
-        check_non_negative("weight_decay", group["weight_decay"])
+        check("lr", group["lr"])
+        check("eps", group["eps"])
+        check("weight_decay", group["weight_decay"], key="wd")
         betas = group["betas"]
         if len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas}")
-        check_unit_interval("betas[0]", betas[0])
-        check_unit_interval("betas[1]", betas[1])
-        check_positive_or_none("weight_norm_clip", group["weight_norm_clip"])
+        check("betas[0]", betas[0], key="beta")
+        check("betas[1]", betas[1], key="beta")
+        check("weight_norm_clip", group["weight_norm_clip"], key="norm_clip")
 
-    def _init_group(
-        self, group: dict[str, Any]
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[int]]:
-        params, grads, exp_avgs, exp_avg_sqs, steps, positions = [], [], [], [], [], []
-        for i, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            check_grad(p.grad, "LAMB")
-            state = self.state[p]
-            if not state:
-                state["step"] = new_step(p)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-            positions.append(i)
-        return params, grads, exp_avgs, exp_avg_sqs, steps, positions
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform one optimisation step; ``closure`` re-evaluates the loss if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        collector = RatioCollector()
-        base = 0
-        for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps, positions = self._init_group(group)
-            if params:
-                beta1, beta2 = group["betas"]
-                ratio_chunks = lamb(
-                    params,
-                    grads,
-                    exp_avgs,
-                    exp_avg_sqs,
-                    steps,
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    weight_norm_clip=group["weight_norm_clip"],
-                    bias_correction=group["bias_correction"],
-                    exclude_1d=group["exclude_1d"],
-                    foreach=group["foreach"],
-                    workspace=self._workspace,
-                )
-                for local, ratios in ratio_chunks:
-                    collector.add([base + positions[k] for k in local], ratios)
-            base += len(group["params"])
-        self.last_trust_ratios = collector.result()
-        return loss
+    def _update(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        buffers: list[list[Tensor]],
+        steps: list[Tensor],
+    ) -> list[RatioChunk]:
+        exp_avgs, exp_avg_sqs = buffers
+        beta1, beta2 = group["betas"]
+        return lamb(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            steps,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            weight_norm_clip=group["weight_norm_clip"],
+            bias_correction=group["bias_correction"],
+            exclude_1d=group["exclude_1d"],
+            foreach=group["foreach"],
+            workspace=self._workspace,
+        )
 
 
 def lamb(
@@ -172,7 +137,8 @@ def lamb(
     foreach: bool | None = None,
     workspace: Workspace | None = None,
 ) -> list[RatioChunk]:
-    """Functional LAMB step; returns the trust ratios of the adapted tensors.
+    """Functional LAMB step; returns the trust ratios of the adapted tensors and their
+    norms ``||w||``, ``||u||``.
 
     ``workspace`` holds the temporaries of the multi-tensor path between steps.
     """
@@ -211,6 +177,7 @@ def _single_tensor_lamb(
     """Reference path: one parameter at a time, as the formulas read."""
     local: list[int] = []
     ratios: list[Tensor] = []
+    norm_pairs: list[Tensor] = []
     for i, (p, g, m, v, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
         step.add_(1)
         m.lerp_(g, 1 - beta1)
@@ -226,11 +193,15 @@ def _single_tensor_lamb(
             continue
         if weight_decay != 0:
             u.add_(p, alpha=weight_decay)
-        r = trust_ratio(pair_norms(p, u), 1.0, weight_norm_clip, None).view(())
+        pair = pair_norms(p, u)
+        r = trust_ratio(pair, 1.0, weight_norm_clip, None).view(())
         p.addcmul_(u, r, value=-lr)
         local.append(i)
         ratios.append(r)
-    return [(local, torch.stack(ratios))] if ratios else []
+        norm_pairs.append(pair)
+    if not ratios:
+        return []
+    return [RatioChunk(local, torch.stack(ratios), torch.cat(norm_pairs, dim=1))]
 
 
 def _multi_tensor_lamb(
@@ -287,9 +258,10 @@ def _multi_tensor_lamb(
                 p_ad, u_ad = pick(p_run, adapted), pick(u, adapted)
                 if weight_decay != 0:
                     torch._foreach_add_(u_ad, p_ad, alpha=weight_decay)
-                r = trust_ratio(foreach_norms(p_ad, u_ad), 1.0, weight_norm_clip, None)
+                norms = foreach_norms(p_ad, u_ad)
+                r = trust_ratio(norms, 1.0, weight_norm_clip, None)
                 torch._foreach_addcmul_(p_ad, u_ad, r.unbind(0), value=-lr)
-                out.append(([bucket[run[k]] for k in adapted], r))
+                out.append(RatioChunk([bucket[run[k]] for k in adapted], r, norms))
     return out
 
 

@@ -21,31 +21,25 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._functional import (
-    LayerwiseOptimizer,
-    RatioCollector,
+from ..bounds import check
+from ._kernels import (
     Workspace,
     add_scaled,
-    check_grad,
-    check_non_negative,
-    check_unit_interval,
     chunks,
     foreach_norms,
     group_by_device_and_dtype,
     is_excluded,
-    new_step,
     pair_norms,
     pick,
     scalar_dtype,
     split_adapted,
     trust_ratio,
 )
+from .base import LayerwiseOptimizer, RatioChunk
 
-__all__ = ["LARS", "lars"]
+__all__ = ["LARS", "lars", "lars_args"]
 
 PhiFn = Callable[[Tensor], Tensor]
-# (indices into the updated-parameter list, their trust ratios as one 1-D tensor)
-RatioChunk = tuple[list[int], Tensor]
 
 
 class LARS(LayerwiseOptimizer):
@@ -61,6 +55,8 @@ class LARS(LayerwiseOptimizer):
             decay and adaptation, as in the LARS paper.
         foreach: multi-tensor kernels (``None`` or ``True``) or the per-tensor loop (``False``).
     """
+
+    state_buffers = ("momentum_buffer",)
 
     def __init__(
         self,
@@ -80,80 +76,32 @@ class LARS(LayerwiseOptimizer):
             exclude_1d=exclude_1d,
             foreach=foreach,
         )
-        self._init(params, defaults)
+        super().__init__(params, defaults)
 
     @staticmethod
     def _validate(group: dict[str, Any]) -> None:
-        check_non_negative("lr", group["lr"])
-        check_unit_interval("momentum", group["momentum"])
-        check_non_negative("weight_decay", group["weight_decay"])
-        check_non_negative("eta", group["eta"])
+        check("lr", group["lr"])
+        check("momentum", group["momentum"])
+        check("weight_decay", group["weight_decay"], key="wd")
+        check("eta", group["eta"])
 
-    def _init_group(
-        self, group: dict[str, Any]
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[int]]:
-        params, grads, bufs, steps, positions = [], [], [], [], []
-        owner = type(self).__name__
-        for i, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            check_grad(p.grad, owner)
-            state = self.state[p]
-            if not state:
-                state["step"] = new_step(p)
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            bufs.append(state["momentum_buffer"])
-            steps.append(state["step"])
-            positions.append(i)
-        return params, grads, bufs, steps, positions
+    def _update(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        buffers: list[list[Tensor]],
+        steps: list[Tensor],
+    ) -> list[RatioChunk]:
+        (momentum_buffers,) = buffers
+        return lars(params, grads, momentum_buffers, steps, **lars_args(group),
+                    workspace=self._workspace)
 
-    def _schedule(self, group: dict[str, Any]) -> tuple[PhiFn | None, float | None]:
-        """The time factor and norm clip applied to ``q``: none for plain LARS."""
-        return None, None
 
-    def _observe(self, group: dict[str, Any], param: Tensor, step: Tensor) -> None:
-        """Record extra per-step values; ``param``/``step``: the first updated parameter."""
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform one optimisation step; ``closure`` re-evaluates the loss if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        collector = RatioCollector()
-        observed = False
-        base = 0
-        for group in self.param_groups:
-            params, grads, bufs, steps, positions = self._init_group(group)
-            if params:
-                phi, norm_clip = self._schedule(group)
-                ratio_chunks = lars(
-                    params,
-                    grads,
-                    bufs,
-                    steps,
-                    lr=group["lr"],
-                    momentum=group["momentum"],
-                    weight_decay=group["weight_decay"],
-                    eta=group["eta"],
-                    exclude_1d=group["exclude_1d"],
-                    foreach=group["foreach"],
-                    phi=phi,
-                    norm_clip=norm_clip,
-                    workspace=self._workspace,
-                )
-                for local, ratios in ratio_chunks:
-                    collector.add([base + positions[k] for k in local], ratios)
-                if not observed:
-                    self._observe(group, params[0], steps[0])
-                    observed = True
-            base += len(group["params"])
-        self.last_trust_ratios = collector.result()
-        return loss
+def lars_args(group: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of :func:`lars` that a LARS param group holds."""
+    return {key: group[key]
+            for key in ("lr", "momentum", "weight_decay", "eta", "exclude_1d", "foreach")}
 
 
 def lars(
@@ -172,7 +120,8 @@ def lars(
     norm_clip: float | None = None,
     workspace: Workspace | None = None,
 ) -> list[RatioChunk]:
-    """Functional LARS/TVLARS step; returns the trust ratios of the adapted tensors.
+    """Functional LARS/TVLARS step; returns the trust ratios of the adapted tensors and
+    their norms ``||w||``, ``||d||``.
 
     ``phi`` maps the (float) step counters to a per-tensor factor on ``q`` and ``norm_clip``
     caps both norms; LARS passes neither. ``workspace`` holds the temporaries of the
@@ -210,6 +159,7 @@ def _single_tensor_lars(
     """Reference path: one parameter at a time, as the formulas read."""
     local: list[int] = []
     ratios: list[Tensor] = []
+    norm_pairs: list[Tensor] = []
     for i, (p, g, buf, step) in enumerate(zip(params, grads, momentum_buffers, steps)):
         step.add_(1)
         buf.mul_(momentum)
@@ -220,12 +170,16 @@ def _single_tensor_lars(
             scale: float | Tensor = eta
             if phi is not None:
                 scale = phi(step.to(scalar_dtype(p.dtype))).mul_(eta)
-            q = trust_ratio(pair_norms(p, d), scale, norm_clip, norm_clip).view(())
+            pair = pair_norms(p, d)
+            q = trust_ratio(pair, scale, norm_clip, norm_clip).view(())
             buf.addcmul_(d, q)
             local.append(i)
             ratios.append(q)
+            norm_pairs.append(pair)
         p.add_(buf, alpha=-lr)
-    return [(local, torch.stack(ratios))] if ratios else []
+    if not ratios:
+        return []
+    return [RatioChunk(local, torch.stack(ratios), torch.cat(norm_pairs, dim=1))]
 
 
 def _multi_tensor_lars(
@@ -272,9 +226,10 @@ def _multi_tensor_lars(
                 p_ad, g_ad = pick(p_run, adapted), pick(g_run, adapted)
                 d = add_scaled(g_ad, p_ad, weight_decay, workspace) if weight_decay else g_ad
                 run_scale = scale if isinstance(scale, float) else scale[done : done + n]
-                q = trust_ratio(foreach_norms(p_ad, d), run_scale, norm_clip, norm_clip)
+                norms = foreach_norms(p_ad, d)
+                q = trust_ratio(norms, run_scale, norm_clip, norm_clip)
                 torch._foreach_addcmul_(pick(b_run, adapted), d, q.unbind(0))
-                out.append(([bucket[run[k]] for k in adapted], q))
+                out.append(RatioChunk([bucket[run[k]] for k in adapted], q, norms))
                 done += n
             torch._foreach_add_(p_run, b_run, alpha=-lr)
     return out

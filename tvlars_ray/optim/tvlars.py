@@ -16,8 +16,10 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._functional import check_non_negative, check_positive_or_none, scalar_dtype
-from .lars import LARS, PhiFn
+from ..bounds import check
+from ._kernels import scalar_dtype
+from .base import LayerwiseOptimizer, RatioChunk
+from .lars import LARS, PhiFn, lars, lars_args
 
 __all__ = ["TVLARS", "tvlars_phi"]
 
@@ -43,8 +45,7 @@ def tvlars_phi(
     value, but the logistic function saturates at 0 where ``exp`` would overflow. A tensor
     ``t`` is evaluated on its own device in a few small kernels.
     """
-    if not alpha > 0:
-        raise ValueError(f"alpha must be positive, got {alpha}")
+    check("alpha", alpha)
     shift = math.log(alpha)
     if isinstance(t, Tensor):
         if not t.is_floating_point():
@@ -60,14 +61,17 @@ def tvlars_phi(
     return logistic / alpha + gamma_min
 
 
-class TVLARS(LARS):
+class TVLARS(LayerwiseOptimizer):
     """Time-varying LARS: ``q = eta * phi(t) * clip(||w||) / clip(||d||)``.
 
-    Everything else is LARS (see :class:`~tvlars_ray.optim.LARS`). ``t`` is the step number
-    kept per parameter in ``state['step']`` (1 on the first update), ``delay`` is counted in
-    steps, and ``norm_clip=None`` disables the cap. Besides ``last_trust_ratios`` it keeps
+    Everything else is LARS (see :class:`~tvlars_ray.optim.LARS`; both step through
+    :func:`~tvlars_ray.optim.lars.lars`). ``t`` is the step number kept per parameter in
+    ``state['step']`` (1 on the first update), ``delay`` is counted in steps, and
+    ``norm_clip=None`` disables the cap. Besides ``last_trust_ratios`` it keeps
     ``last_phi``: phi of the last step for the first param group, a 0-d tensor on the device.
     """
+
+    state_buffers = LARS.state_buffers
 
     def __init__(
         self,
@@ -98,16 +102,13 @@ class TVLARS(LARS):
             foreach=foreach,
         )
         self.last_phi: Tensor | None = None
-        self._init(params, defaults)
+        super().__init__(params, defaults)
 
     @staticmethod
     def _validate(group: dict[str, Any]) -> None:
         LARS._validate(group)
-        check_non_negative("lmbda", group["lmbda"])
-        if not group["alpha"] > 0:
-            raise ValueError(f"alpha must be positive (phi peaks at 1/alpha), got {group['alpha']}")
-        check_non_negative("gamma_min", group["gamma_min"])
-        check_positive_or_none("norm_clip", group["norm_clip"])
+        for name in ("lmbda", "alpha", "delay", "gamma_min", "norm_clip"):
+            check(name, group[name])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -122,8 +123,18 @@ class TVLARS(LARS):
             gamma_min=group["gamma_min"],
         )
 
-    def _schedule(self, group: dict[str, Any]) -> tuple[PhiFn | None, float | None]:
-        return self._phi(group), group["norm_clip"]
+    def _update(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        buffers: list[list[Tensor]],
+        steps: list[Tensor],
+    ) -> list[RatioChunk]:
+        (momentum_buffers,) = buffers
+        return lars(params, grads, momentum_buffers, steps, **lars_args(group),
+                    phi=self._phi(group), norm_clip=group["norm_clip"],
+                    workspace=self._workspace)
 
     def _observe(self, group: dict[str, Any], param: Tensor, step: Tensor) -> None:
         self.last_phi = self._phi(group)(step.to(scalar_dtype(param.dtype)))

@@ -1,4 +1,6 @@
-"""Helpers shared by the LARS-family optimizers.
+"""The kernels the LARS-family updates are built from: per-tensor norms and trust ratios,
+the split of a parameter list by device, dtype and adaptation, and the CPU cache blocking
+(runs of tensors sized for the cache, and a reused workspace for their temporaries).
 
 Everything here runs on the parameters' device and never reads a tensor value on the host,
 so ``step()`` stays free of host-device synchronisation.
@@ -7,45 +9,9 @@ so ``step()`` stays free of host-device synchronisation.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
-
-
-def check_non_negative(name: str, value: float) -> None:
-    if not value >= 0.0:
-        raise ValueError(f"{name} must be non-negative, got {value}")
-
-
-def check_unit_interval(name: str, value: float) -> None:
-    """Momentum-like factors: 1 would never forget, so the interval is half-open."""
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value}")
-
-
-def check_positive_or_none(name: str, value: float | None) -> None:
-    if value is not None and not value > 0.0:
-        raise ValueError(f"{name} must be positive or None, got {value}")
-
-
-def check_grad(grad: Tensor, owner: str) -> None:
-    if grad.is_sparse:
-        raise RuntimeError(f"{owner} does not support sparse gradients; use dense gradients")
-
-
-def new_step(param: Tensor) -> Tensor:
-    """A fresh step counter, on the parameter's device, exact for any realistic run."""
-    return torch.zeros((), dtype=torch.int64, device=param.device)
-
-
-def steps_to_param_device(optimizer: torch.optim.Optimizer) -> None:
-    """Move loaded step counters next to their parameters: ``load_state_dict`` casts every
-    state tensor to its parameter's device except 'step'."""
-    for param, state in optimizer.state.items():
-        step = state.get("step")
-        if isinstance(step, Tensor) and step.device != param.device:
-            state["step"] = step.to(param.device)
 
 
 def norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
@@ -186,68 +152,3 @@ def add_scaled(
 
 def pick(items: Sequence, indices: Iterable[int]) -> list:
     return [items[i] for i in indices]
-
-
-class RatioCollector:
-    """Gathers per-tensor trust ratios from every group and bucket, then orders them once.
-
-    The common case (one group, one device/dtype) keeps the ratio vector as it is; otherwise
-    the 0-d pieces are put back in parameter order and stacked in one op.
-    """
-
-    def __init__(self) -> None:
-        self._chunks: list[tuple[list[int], Tensor]] = []
-
-    def add(self, positions: list[int], ratios: Tensor) -> None:
-        if positions:
-            self._chunks.append((positions, ratios))
-
-    def result(self) -> Tensor | None:
-        if not self._chunks:
-            return None
-        if len(self._chunks) == 1:
-            return self._chunks[0][1]
-        device, dtype = self._chunks[0][1].device, self._chunks[0][1].dtype
-        flat = [i for positions, _ in self._chunks for i in positions]
-        same_place = all(r.device == device and r.dtype == dtype for _, r in self._chunks)
-        if same_place and all(a < b for a, b in zip(flat, flat[1:])):
-            return torch.cat([r for _, r in self._chunks])
-        pieces: list[tuple[int, Tensor]] = []
-        for positions, ratios in self._chunks:
-            pieces.extend(zip(positions, ratios.to(device=device, dtype=dtype).unbind(0)))
-        pieces.sort(key=lambda item: item[0])
-        return torch.stack([r for _, r in pieces])
-
-
-class LayerwiseOptimizer(torch.optim.Optimizer):
-    """What LARS, TVLARS and LAMB share around their steps: each group's hyper-parameters
-    validated (``_validate``), the per-tensor trust ratios of the last step kept on the
-    device, a reused scratch buffer, and step counters that follow their parameters."""
-
-    @staticmethod
-    def _validate(group: dict[str, Any]) -> None:
-        raise NotImplementedError
-
-    def _init(self, params: Any, defaults: dict[str, Any]) -> None:
-        self._validate(defaults)
-        super().__init__(params, defaults)
-        self.last_trust_ratios: Tensor | None = None
-        self._workspace = Workspace()
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """As torch's, but a group's own hyper-parameters are validated too."""
-        self._validate({**self.defaults, **param_group})
-        super().add_param_group(param_group)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch's, then the step counters are moved to their parameters' devices."""
-        super().load_state_dict(state_dict)
-        steps_to_param_device(self)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("last_trust_ratios", None)
-        self.__dict__.setdefault("_workspace", Workspace())
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-
