@@ -2,7 +2,13 @@ import pandas as pd
 import pytest
 
 from tvlars_ray.config import TrialConfig
-from tvlars_ray.report import export_reference, paired_differences, paper_table, write_report
+from tvlars_ray.report import (
+    export_reference,
+    paired_differences,
+    paper_table,
+    provenance_markdown,
+    write_report,
+)
 from tvlars_ray.store import Store
 
 
@@ -250,3 +256,12 @@ def test_a_pair_names_every_seed_it_could_not_pair():
     assert got["verdict"] == ("TVLARS vs LARS: +10.00 points on 1 seed (no interval from one "
                               "seed); not paired: TVLARS diverged on seed 3; not paired: LARS "
                               "diverged on seed 2; not paired: both diverged on seed 1")
+
+
+def test_trials_without_provenance_are_said_to_have_none(tmp_path):
+    """Trials stored before provenance was recorded: 'not recorded', not 'not a git checkout'."""
+    columns = ["experiment", "git_commit", "git_dirty", "git_diff_sha256", "versions", "command",
+               "hosts", "gpus", "cuda_version", "cudnn_version", "driver_host", "command_host"]
+    trials = pd.DataFrame([dict.fromkeys(columns) | {"experiment": "old"}])
+    text = provenance_markdown(Store(str(tmp_path)), "old", trials)
+    assert "code: not recorded" in text and "git checkout" not in text

@@ -448,6 +448,8 @@ def _counted(values: pd.Series, what: str) -> str:
 
 
 def _code(row: pd.Series) -> str:
+    if pd.isna(row["versions"]) and pd.isna(row["command"]):
+        return "not recorded (the trial predates provenance records)"
     if pd.isna(row["git_commit"]) or not row["git_commit"]:
         return "not a git checkout"
     text = f"commit {row['git_commit'][:12]}"
