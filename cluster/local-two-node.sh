@@ -22,12 +22,14 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 case "${1:-}" in
   start)
     mkdir -p "$TEMP_DIR"
-    "$RAY" start --head --port="$PORT" --num-cpus="$CPUS_PER_NODE" --num-gpus=0 \
+    setsid -w "$RAY" start --head --port="$PORT" --num-cpus="$CPUS_PER_NODE" --num-gpus=0 \
       --resources='{"TUNE_DRIVER": 100}' --temp-dir="$TEMP_DIR" \
       --include-dashboard=false --metrics-export-port="$HEAD_METRICS" \
       --dashboard-agent-listen-port=28090 \
       --disable-usage-stats >/dev/null
-    "$RAY" start --address="127.0.0.1:$PORT" --num-cpus="$CPUS_PER_NODE" --num-gpus=0 \
+    # each node's processes in a process group of their own, so that one node can be killed
+    # as a whole (the lost-node test does) without touching the other or the caller
+    setsid -w "$RAY" start --address="127.0.0.1:$PORT" --num-cpus="$CPUS_PER_NODE" --num-gpus=0 \
       --metrics-export-port="$WORKER_METRICS" --dashboard-agent-listen-port=28091 \
       --disable-usage-stats >/dev/null
     echo "127.0.0.1:$PORT"

@@ -5,7 +5,15 @@ import pandas as pd
 import pytest
 
 from tvlars_ray.config import TrialConfig
-from tvlars_ray.store import EPOCH_SCHEMA, TRIAL_SCHEMA, Store, StoreError, read_epochs, read_trials
+from tvlars_ray.store import (
+    EPOCH_SCHEMA,
+    TRAIN_STATE_FILE,
+    TRIAL_SCHEMA,
+    Store,
+    StoreError,
+    read_epochs,
+    read_trials,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,3 +126,17 @@ def test_trial_rows_keep_provenance_and_where_the_epochs_ran(tmp_path):
     st.add_provenance("e", {"command": "first"})
     st.add_provenance("e", {"command": "resumed"})
     assert [r["command"] for r in st.provenance("e")] == ["first", "resumed"]
+
+
+def test_a_cut_short_train_state_is_set_aside_and_a_whole_one_kept(tmp_path):
+    """Ray Train's checkpoint record cut short (a full disk) would stop every resume."""
+    st = Store(str(tmp_path))
+    run = tmp_path / "e" / "train" / "t1"
+    run.mkdir(parents=True)
+    (run / TRAIN_STATE_FILE).write_text('{"checkpoints": [')
+    moved = st.set_aside_damaged_train_state("e", "t1")
+    assert moved and "damaged" in moved and not (run / TRAIN_STATE_FILE).exists()
+    (run / TRAIN_STATE_FILE).write_text('{"checkpoints": []}')
+    assert st.set_aside_damaged_train_state("e", "t1") is None
+    assert (run / TRAIN_STATE_FILE).exists()
+    assert st.set_aside_damaged_train_state("e", "absent") is None

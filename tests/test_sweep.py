@@ -100,8 +100,8 @@ def test_optuna_study_lands_in_the_store(ray_session, tmp_path):
     assert (frame["config/epochs"] == 3).all() and (frame["config/opt"] == "tvlars").all()
     assert (frame["config/cpus_per_worker"] == 0.5).all()
     folders = sorted(p.name for p in tune_dir.iterdir() if p.is_dir())
-    assert len(folders) == 4 and all(re.fullmatch(
-        r"tvlars-lr[0-9.e+-]+-lmbda[0-9.e+-]+-alpha[0-9.e+-]+-s0-\d{5}", f) for f in folders)
+    assert len(folders) == 4 and all(re.fullmatch(  # the sampled settings, the seed, an id
+        r"tvlars(-(lr|lmbda|alpha)[0-9.e+-]+){3}-s0-[0-9a-f]+", f) for f in folders)
 
 
 def test_tune_is_given_every_setting_of_each_grid_point():

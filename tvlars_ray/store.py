@@ -59,6 +59,7 @@ LOST_FILE = "lost.json"  # epochs `check --repair` moved aside, per trial, for -
 MARKER = ".tvlars-experiment"  # written when this tool creates an experiment folder
 LOCK_FILE = "lock.json"
 DAMAGED_DIR = "damaged"  # where `check --repair` moves unreadable files
+TRAIN_STATE_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's, in each run's folder
 NAME_RULE = ("one folder name of 1-100 letters, digits, '.', '_' or '-', starting with a "
              "letter or digit")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -359,12 +360,16 @@ class Store:
                 f"pick another --experiment")
 
     def check_writable(self) -> None:
-        """A writer's first step: the root exists (or is created) and takes a file."""
+        """A writer's first step: the root takes a file. A root made for the probe is removed
+        again: a command refused later (bad data, say) leaves nothing behind."""
         probe = f"{self.root}/.tmp-probe-{uuid.uuid4().hex}"
+        made = not self.root_exists()
         try:
             self.fs.create_dir(self.root, recursive=True)
             self._put_bytes(probe, b"probe")
             self.fs.delete_file(probe)
+            if made and self.is_local:
+                self.fs.delete_dir(self.root)
         except (OSError, StoreWriteError) as exc:
             raise StoreError(f"cannot write to the store {self.uri}: {_one_line(exc)}: pick a "
                              f"--store you can write to (and with free space)") from None
@@ -634,6 +639,21 @@ class Store:
         self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         self.fs.move(path, target)
         return target
+
+    def set_aside_damaged_train_state(self, experiment: str, run: str) -> str | None:
+        """Ray Train's record of a run's checkpoints (a JSON file in the run's folder) cut
+        short, by a full disk say, stops every resume of the trial with Ray's own error. Moved
+        aside (never deleted), the run starts over and rewrites the trial's epochs in place
+        (each stored once). Returns where it went, or None if it was whole or absent."""
+        path = self.path(experiment, "train", run, TRAIN_STATE_FILE)
+        if self._kind(path) != pafs.FileType.File:
+            return None
+        try:
+            with self.fs.open_input_stream(path) as fh:
+                json.loads(fh.read())
+            return None
+        except (ValueError, OSError):
+            return self.move_aside(experiment, path, _now().strftime("%Y%m%d-%H%M%S"))
 
     def holder(self, experiment: str) -> dict[str, Any] | None:
         """Who runs the experiment now (see :class:`Lock`), or None if nobody does."""

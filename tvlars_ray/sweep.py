@@ -535,6 +535,7 @@ def run_grid(trials: Sequence[TrialConfig], sweep: Sweep) -> tune.ResultGrid | N
             grid = load_grid(st, sweep.experiment)
             keys, ids, fills = still_to_run(st, sweep.experiment, grid)
             if not keys:
+                _start(st, sweep)  # the resume is recorded, though it finds nothing to do
                 print("nothing left to run: every trial of the grid is stored")
                 return None
         else:

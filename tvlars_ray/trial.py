@@ -79,6 +79,10 @@ def fit_trial(cfg: TrialConfig, store: str, experiment: str, trial_id: str,
     st = Store(store)
     st.write_trial(experiment, trial_id, cfg, "running", here=True, provenance=provenance)
     name = f"{trial_id}-refill-{uuid.uuid4().hex[:6]}" if fill else trial_id
+    moved = st.set_aside_damaged_train_state(experiment, name)
+    if moved:
+        print(f"trial {trial_id}: Ray Train's checkpoint record was unreadable, moved to {moved}; "
+              f"the trial starts over")
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "store": st.uri_of(), "experiment": experiment,
