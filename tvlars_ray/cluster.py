@@ -59,18 +59,23 @@ def connect(address: str | None = None, num_cpus: int | None = None,
         return None
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.update(ray_env())
-    runtime_env = {"env_vars": ray_env(), "worker_process_setup_hook": process_setup.HOOK}
     # ray.init replaces the SIGTERM handler with one that exits at once (and its C++ core's,
     # which aborts): a handler the caller installed, to stop gracefully, is put back.
     sigterm = signal.getsignal(signal.SIGTERM)
     if address:
+        runtime_env = {"env_vars": ray_env(), "worker_process_setup_hook": process_setup.HOOK}
         context = ray.init(address=address, runtime_env=runtime_env,
                            log_to_driver=log_to_driver)
     else:
+        # A Ray started here hands this process's environment to every worker process, so
+        # the hook and the settings go there rather than into a runtime_env: a job with a
+        # runtime_env starts each worker process through Ray's setup_worker.py, a second
+        # Python start (~1 s) for each of the five processes of every trial.
+        os.environ[compat.SETUP_HOOK_ENV] = process_setup.HOOK
         os.environ.setdefault("REPORTER_UPDATE_INTERVAL_MS", LOCAL_REPORTER_MS)
         context = ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
                            resources={DRIVER_RESOURCE: 1000.0}, include_dashboard=True,
-                           runtime_env=runtime_env, log_to_driver=log_to_driver)
+                           log_to_driver=log_to_driver)
     if callable(sigterm) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, sigterm)
     return _dashboard(context)
