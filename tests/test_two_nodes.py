@@ -1,6 +1,7 @@
 """A grid against two Ray nodes started as separate processes on this machine, and the same
 when the second node is lost mid-trial."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -58,10 +59,13 @@ def two_nodes():
 
 
 def _space(tmp_path: Path, name: str, epochs: int, grid: dict) -> str:
+    """Each trial one worker holding a whole node's 2 CPUs: two trials at once take one node
+    each (where they run is the point here, not DDP across ranks: half the processes)."""
     space = tmp_path / f"{name}.yaml"
     space.write_text(yaml.safe_dump({
-        "fixed": {"ds": "synthetic", "model": "cnn", "stem": "cifar", "train_subset": 600,
-                  "test_subset": 200, "epochs": epochs, "bs": 32, "num_workers": 2},
+        "fixed": {"ds": "synthetic", "model": "cnn", "stem": "cifar", "train_subset": 256,
+                  "test_subset": 128, "epochs": epochs, "bs": 32, "num_workers": 1,
+                  "cpus_per_worker": 2},
         "grid": grid}))
     return str(space)
 
@@ -104,23 +108,31 @@ def test_grid_runs_on_both_nodes_and_exports_metrics(two_nodes, tmp_path):
                for line in seen)
 
 
-def _raylet_group(node_id: str) -> int:
-    """The process group of the raylet of ``node_id`` (``ray start`` leads one per node)."""
+def _node_groups(node_id: str) -> set[int]:
+    """The process groups of a node: its raylet's (which ``ray start`` leads) and those of
+    the processes the raylet started. Ray puts each worker in a group of its own, so a kill
+    of the raylet's group alone leaves the node's Train workers training (and storing epochs)
+    for seconds, until they notice; a lost machine loses them all at once."""
+    parents, raylet = {}, None
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+                stat = (entry / "stat").read_text()
             except OSError:
                 continue
-            if cmdline and cmdline[0].endswith(b"raylet") and \
-                    f"--node_id={node_id}".encode() in cmdline:
-                return os.getpgid(int(entry.name))
-    raise AssertionError(f"no raylet for node {node_id}")
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            if cmdline[0].endswith(b"raylet") and f"--node_id={node_id}".encode() in cmdline:
+                raylet = int(entry.name)
+    assert raylet is not None, f"no raylet for node {node_id}"
+    groups = {os.getpgid(raylet)}
+    for pid, parent in parents.items():
+        if parent == raylet:
+            with contextlib.suppress(ProcessLookupError):
+                groups.add(os.getpgid(pid))
+    return groups
 
 
-@pytest.mark.xfail(strict=False, reason="open in issue 11: the grid completes with every epoch "
-                   "stored once after the node is killed, but the victim's later epochs were "
-                   "recorded with a node id other than the head's (last check, not yet explained)")
 def test_a_lost_node_costs_its_trial_a_restart_not_the_grid(two_nodes, tmp_path):
     """SIGKILL the second node while a trial's workers run there: that trial continues from
     its checkpoint on the head (FailureConfig), the grid completes, each epoch stored once."""
@@ -129,7 +141,7 @@ def test_a_lost_node_costs_its_trial_a_restart_not_the_grid(two_nodes, tmp_path)
     alive = [n for n in ray.nodes() if n["Alive"]]
     head = next(n["NodeID"] for n in alive if "TUNE_DRIVER" in n["Resources"])
     other = next(n["NodeID"] for n in alive if n["NodeID"] != head)
-    space = _space(tmp_path, "lost", 5, {"opt": {"sgd": {"lr": [0.05, 0.1]}}})
+    space = _space(tmp_path, "lost", 4, {"opt": {"sgd": {"lr": [0.05, 0.1]}}})
     store = str(tmp_path / "store")
     st = Store(store)
     runner, outcome = _grid_in_thread(["grid", "--space", space, "--store", store,
@@ -143,9 +155,10 @@ def test_a_lost_node_costs_its_trial_a_restart_not_the_grid(two_nodes, tmp_path)
             victim = there["trial_id"].iloc[0] if len(there) else None
         time.sleep(0.2)
     assert victim is not None, "no trial ran on the second node"
-    group = _raylet_group(other)
-    assert group not in (os.getpgrp(), _raylet_group(head))  # only the second node's
-    os.killpg(group, signal.SIGKILL)
+    groups = _node_groups(other)
+    assert not groups & ({os.getpgrp()} | _node_groups(head))  # only the second node's
+    for group in groups:
+        os.killpg(group, signal.SIGKILL)
     killed_at = pd.Timestamp.now(tz="UTC")
     runner.join(timeout=300)
     assert not runner.is_alive(), "the grid hung after losing a node"
@@ -153,8 +166,8 @@ def test_a_lost_node_costs_its_trial_a_restart_not_the_grid(two_nodes, tmp_path)
     trials = read_trials(store, "lost")
     assert len(trials) == 2 and set(trials["status"]) == {"completed"}
     epochs = read_epochs(store, "lost")
-    assert len(epochs) == 10 and not epochs.duplicated(["trial_id", "stage", "epoch"]).any()
+    assert len(epochs) == 8 and not epochs.duplicated(["trial_id", "stage", "epoch"]).any()
     moved = epochs[epochs["trial_id"] == victim]
-    # it carried on on the surviving node
+    # it carried on on the surviving node, in a new attempt: nothing ran on the lost one
     assert (moved.loc[moved["recorded_at"] > killed_at, "node_id"] == head).all()
-    assert (moved["recorded_at"] > killed_at).any()
+    assert (moved["worker_started_at"] > killed_at).any()

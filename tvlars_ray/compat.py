@@ -167,6 +167,30 @@ class LoggerTrial:
         return self.trial_name
 
 
+def wandb_logger_callback(**kwargs: Any) -> Any:
+    """Ray's ``WandbLoggerCallback`` (its arguments), whose W&B run files are whole when a
+    trial's logging ends.
+
+    Ray 2.60's logging actor returns once ``wandb.finish()`` has, and is then ``ray.kill``-ed;
+    a killed Ray worker kills its child processes. W&B's service (``wandb-core``, a child)
+    still writes the run's file after ``finish()`` returns, so the kill could cut the file
+    short: offline runs lost their history and end records. The actor here also waits for
+    the service to end (``wandb.teardown()``) before it returns."""
+    # imported here: W&B is an optional extra, and a slow import for every process that
+    # imports this module (each Train worker does)
+    from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
+
+    class WholeRunLoggingActor(_WandbLoggingActor):
+        def run(self) -> None:
+            super().run()
+            self._wandb.teardown()
+
+    class WholeRunWandbLoggerCallback(WandbLoggerCallback):
+        _logger_actor_cls = WholeRunLoggingActor
+
+    return WholeRunWandbLoggerCallback(**kwargs)
+
+
 def wait_until_tune_took_the_reports(poll_s: float = 0.1) -> None:
     """Return once the Tune trial running this function has taken every report Ray Train
     queued for it (the queue ``train_controller.TrainToTune`` fills, as Tune's

@@ -112,6 +112,17 @@ def grid_space(grid: dict[str, dict[str, Any]]) -> dict[str, Any]:
             **{name: tune.sample_from(_FromPoint(points, name)) for name in FIELD_NAMES}}
 
 
+class Hyperparameters(tune.Callback):
+    """A trial's hyperparameters as Tune's loggers record them (TensorBoard's hparams) are
+    ``trial.evaluated_params``: what the variant generator drew. Of a grid trial that is the
+    point alone: Tune turns each ``tune.sample_from`` into a placeholder before it draws, and
+    fills the settings into the config only after. This adds every setting of the config."""
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        settings = {k: trial.config[k] for k in FIELD_NAMES if k in trial.config}
+        trial.evaluated_params = {**settings, **trial.evaluated_params}
+
+
 class _OptunaWithSettings(OptunaSearch):
     """Tune's OptunaSearch whose suggestions carry every setting of the trial, not only the
     sampled ones, so Tune's config and the trackers' hyperparameters hold them all."""
@@ -419,7 +430,8 @@ def _start(st: Store, sweep: Sweep) -> None:
 
 def _run_config(st: Store, sweep: Sweep, ids: dict[str, str] | None = None,
                 name: str = "tune") -> tune.RunConfig:
-    callbacks: list[tune.Callback] = [StoreCallback(st.uri_of(), sweep.experiment, ids)]
+    callbacks: list[tune.Callback] = [StoreCallback(st.uri_of(), sweep.experiment, ids),
+                                      Hyperparameters()]
     if sweep.table:
         callbacks.append(ProgressTable())
     callbacks += tune_callbacks(sweep.loggers, st, sweep.experiment, sweep.provenance)

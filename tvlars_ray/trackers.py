@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from .compat import LoggerTrial
+from .compat import LoggerTrial, wandb_logger_callback
 from .errors import UserError
 from .store import EPOCH_COLUMNS, Store
 
@@ -120,14 +120,17 @@ def tune_callbacks(names: Sequence[str], store: Store, experiment: str,
         out.append(MLflowLoggerCallback(tracking_uri=mlflow_uri(store),
                                         experiment_name=experiment, tags=_tags(provenance)))
     if "wandb" in names:
-        from ray.air.integrations.wandb import WandbLoggerCallback
-
         run_dir = {"dir": store.path(experiment)} if store.is_local else {}
         if run_dir:
             os.makedirs(run_dir["dir"], exist_ok=True)
-        out.append(WandbLoggerCallback(
+        # Ray's logging actor calls wandb.init in a Ray worker, whose environment is the one
+        # its node started with, not this command's: WANDB_MODE=offline set here would not
+        # reach it, and W&B there refuses to start without a login (the actor fails, nothing
+        # is written). The mode goes to it as wandb.init's argument.
+        mode = {"mode": os.environ["WANDB_MODE"]} if os.environ.get("WANDB_MODE") else {}
+        out.append(wandb_logger_callback(
             project=os.environ.get("WANDB_PROJECT", DEFAULT_WANDB_PROJECT), group=experiment,
-            notes=provenance["command"] if provenance else None, **run_dir))
+            notes=provenance["command"] if provenance else None, **run_dir, **mode))
     return out
 
 
