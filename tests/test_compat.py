@@ -57,6 +57,28 @@ def test_tune_sessions_still_queue_trains_reports_where_the_wait_looks():
     assert "self._inter_actor_queue" in Path(
         __import__("inspect").getsourcefile(_TrainSession)).read_text()
     compat.wait_until_tune_took_the_reports()  # outside Tune: returns at once
+
+
+def test_the_controller_side_backend_is_rays_torch_backend():
+    """train_controller's backend runs Ray's own worker functions; the trainer takes it."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import config
+    from ray.train.v2._internal.util import TrainingFramework
+
+    from tvlars_ray.train_controller import TorchBackendConfig, on_worker
+
+    for name in ("_set_torch_distributed_env_vars", "_setup_torch_process_group",
+                 "_shutdown_torch", "TorchConfigContextManager"):
+        assert callable(getattr(config, name))
+    assert on_worker("_is_backend_nccl", backend="cpu:gloo,cuda:nccl")
+    trainer = compat.TorchTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=1),
+                                  run_config=RunConfig(name="x"))
+    backend = trainer.backend_config
+    assert isinstance(backend, TorchBackendConfig) and backend.backend == "gloo"
+    assert backend.framework == TrainingFramework.TORCH
+    assert backend.to_dict() == {**config.TorchConfig(backend="gloo").to_dict()}
+
+
 def test_the_trainer_leaves_out_ray_data_only_without_datasets(tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback

@@ -201,6 +201,31 @@ def test_damaged_files_are_skipped_named_counted_then_repaired(place, capsys):
     assert rerun(st, "exp", "t0", cfg).done
 
 
+def test_a_damaged_layer_file_takes_its_epoch_aside_for_the_refill(place, capsys):
+    """An epoch is its row and its per-layer history: --repair moves both aside, so the
+    refill --resume runs writes both again (an epoch row alone would leave a hole in the
+    layer plots for good)."""
+    store = place / "store"
+    st = Store(str(store))
+    cfg = _fill(st, "exp", trials=1)
+    for epoch in range(3):
+        st.write_layers("exp", "t0", "train", epoch, {
+            "step": [epoch + 1], "layer": ["conv.weight"], "layer_index": [0], "numel": [9],
+            "trust_ratio": [0.5], "weight_norm": [1.0], "update_norm": [2.0], "lr_now": [0.1]})
+    layer_file = store / "exp" / "layers" / "t0" / "train-00001.parquet"
+    _truncate(layer_file)
+    assert main(["check", "--store", str(store), "--repair"]) == 0
+    capsys.readouterr()
+    assert not layer_file.exists()
+    assert not (store / "exp" / "epochs" / "t0" / "train-00001.parquet").exists()
+    aside = sorted(p.relative_to(store / "exp" / "damaged").parts[1:]
+                   for p in (store / "exp" / "damaged").rglob("*.parquet"))
+    assert aside == [("epochs", "t0", "train-00001.parquet"),
+                     ("layers", "t0", "train-00001.parquet")]
+    assert rerun(st, "exp", "t0", cfg).fill == [("train", 1)]
+    assert list(st.read_layers("exp")["epoch"]) == [0, 2]
+
+
 def test_lost_epochs_tell_a_gap_from_a_trial_cut_short():
     cfg = TrialConfig(ds="synthetic", epochs=5)
     stored = pd.DataFrame({"stage": ["train"] * 3, "epoch": [0, 2, 3],

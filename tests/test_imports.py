@@ -1,6 +1,8 @@
 """The package's layers: no import circles, and each side imports only what it should."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,15 @@ def test_worker_side_never_knows_tune(module):
 
 def test_tune_side_never_touches_tensors():
     assert not any(n == "torch" or n.startswith("torch.") for n in _third_party("sweep"))
+
+
+def test_what_the_train_controller_unpickles_never_imports_torch():
+    """Each trial starts a fresh controller process; torch there cost seconds per trial."""
+    code = ("import sys, tvlars_ray.train_controller; "
+            "print(sorted(m for m in ('torch', 'ray.tune') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=PACKAGE.parent, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_recipes_sit_on_the_worker_library_never_on_each_other():

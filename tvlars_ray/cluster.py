@@ -41,9 +41,18 @@ class ClusterError(UserError, RuntimeError):
     """The cluster cannot run the trials as asked; the message says why and what to change."""
 
 
+# Ray Train starts a PreemptionWatcher actor per trial (one more process, and an error line in
+# the terminal each time) to serve ray.train.get_preemption_info, which nothing here reads: a
+# drained node still ends its workers, and the trial restarts from its checkpoint as before.
+PREEMPTION_WATCHER = "0"
+
+
 def ray_env() -> dict[str, str]:
-    return {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S":
-            os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)}
+    """Settings every Ray Train controller and worker of a run reads from its environment
+    (a variable the user set wins)."""
+    return {name: os.environ.get(name, value) for name, value in (
+        ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S),
+        ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", PREEMPTION_WATCHER))}
 
 
 def connect(address: str | None = None, num_cpus: int | None = None,
@@ -59,18 +68,23 @@ def connect(address: str | None = None, num_cpus: int | None = None,
         return None
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.update(ray_env())
-    runtime_env = {"env_vars": ray_env(), "worker_process_setup_hook": process_setup.HOOK}
     # ray.init replaces the SIGTERM handler with one that exits at once (and its C++ core's,
     # which aborts): a handler the caller installed, to stop gracefully, is put back.
     sigterm = signal.getsignal(signal.SIGTERM)
     if address:
+        runtime_env = {"env_vars": ray_env(), "worker_process_setup_hook": process_setup.HOOK}
         context = ray.init(address=address, runtime_env=runtime_env,
                            log_to_driver=log_to_driver)
     else:
+        # A Ray started here hands this process's environment to every worker process, so
+        # the hook and the settings go there rather than into a runtime_env: a job with a
+        # runtime_env starts each worker process through Ray's setup_worker.py, a second
+        # Python start (~1 s) for each of the five processes of every trial.
+        os.environ[compat.SETUP_HOOK_ENV] = process_setup.HOOK
         os.environ.setdefault("REPORTER_UPDATE_INTERVAL_MS", LOCAL_REPORTER_MS)
         context = ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
                            resources={DRIVER_RESOURCE: 1000.0}, include_dashboard=True,
-                           runtime_env=runtime_env, log_to_driver=log_to_driver)
+                           log_to_driver=log_to_driver)
     if callable(sigterm) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, sigterm)
     return _dashboard(context)

@@ -1,4 +1,5 @@
-"""Every private Ray or torch API the project uses, behind one small module.
+"""Every private Ray or torch API the project uses, behind one small module (and, for what Ray
+Train's controller process unpickles, which must not import torch, :mod:`train_controller`).
 
 Most are here for speed. Ray Train's public per-worker functions (``ray.train.get_context``,
 ``report``, ``get_checkpoint``, ``ray.train.torch.get_device`` and ``prepare_model``) import
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from ray._private import worker as _ray_worker
+from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
 from ray._private.state import state as _ray_state
 from ray.air._internal import torch_utils as _air_torch
 from ray.train._internal.session import get_session as _train_session
@@ -33,11 +35,16 @@ from ray.train.torch import TorchTrainer as _RayTorchTrainer
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback as _DatasetsCallback
 from ray.train.v2._internal.execution import context as _train_context
 from ray.train.v2._internal.execution import train_fn_utils as _train_fn_utils
-from ray.train.v2.api.callback import UserCallback
 from ray.train.v2.api.report_config import CheckpointUploadMode
 from torch.distributed import _functional_collectives as _fcol
 
+from .train_controller import TorchBackendConfig
+
 PINNED_RAY = "2.60.0"
+# Where a Ray worker process finds the job's worker_process_setup_hook (a module path): set in
+# the environment of a Ray started by this process, it reaches every worker without a
+# runtime_env.
+SETUP_HOOK_ENV = WORKER_PROCESS_SETUP_HOOK_ENV_VAR
 
 
 def autoscaler_node_groups() -> list[Any]:
@@ -58,11 +65,17 @@ def quiet_train_report_log() -> None:
 
 
 class TorchTrainer(_RayTorchTrainer):
-    """Ray's TorchTrainer, less the Ray Data machinery when the run has no Ray datasets.
+    """Ray's TorchTrainer, less the Ray Data machinery when the run has no Ray datasets, and
+    with a backend config its controller can unpickle without importing torch
+    (:mod:`tvlars_ray.train_controller`).
 
     Train's datasets callback starts a ``DatasetManager`` actor for every worker group even
     with no datasets: one more process per trial, which imports Ray Data. Our data never
     goes through Ray Data, so a run without datasets leaves that callback out."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("torch_config", TorchBackendConfig())
+        super().__init__(*args, **kwargs)
 
     def _create_default_callbacks(self) -> list[Any]:
         callbacks = super()._create_default_callbacks()
@@ -156,7 +169,8 @@ class LoggerTrial:
 
 def wait_until_tune_took_the_reports(poll_s: float = 0.1) -> None:
     """Return once the Tune trial running this function has taken every report Ray Train
-    queued for it (the queue :class:`TrainToTune` fills, as Tune's ``TuneReportCallback`` does).
+    queued for it (the queue ``train_controller.TrainToTune`` fills, as Tune's
+    ``TuneReportCallback`` does).
 
     Ray 2.60's function trainable deadlocks when its function returns while such a report
     still waits: the function's end marker fills the trial's one-slot result queue, and the
@@ -167,23 +181,3 @@ def wait_until_tune_took_the_reports(poll_s: float = 0.1) -> None:
     queue = getattr(session, "_inter_actor_queue", None)
     while queue is not None and not queue.empty():
         time.sleep(poll_s)
-class TrainToTune(UserCallback):
-    """Ray Tune's ``TuneReportCallback`` (ray.tune.integration.ray_train), without Ray Tune.
-
-    The Train controller and every Train worker unpickle the run's callbacks, and Tune's own
-    class lives in ``ray.tune``, whose import costs each of those processes seconds per trial.
-    This one hands the same metrics (rank 0's, with the checkpoint's path) to the same queue
-    of the Tune session it was built in, and imports nothing from Tune.
-    """
-
-    CHECKPOINT_PATH_KEY = "checkpoint_path"
-
-    def __init__(self) -> None:
-        self._queue = _train_session()._get_or_create_inter_actor_queue()
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]],
-                     checkpoint: Any) -> None:
-        reported = dict(metrics[0])
-        if checkpoint:
-            reported[self.CHECKPOINT_PATH_KEY] = checkpoint.path
-        self._queue.put(reported)

@@ -726,10 +726,14 @@ class Store:
             recorded = self.read_lost(experiment)
             moved = []
             for path in [*found.damaged, *found.leftovers]:
-                match = re.search(r"/epochs/([^/]+)/([a-z]+)-(\d+)\.parquet$", path)
+                match = re.search(r"/(epochs|layers)/([^/]+)/([a-z]+)-(\d+)\.parquet$", path)
                 if match and path in found.damaged:
-                    trial_id, stage, epoch = match.group(1), match.group(2), int(match.group(3))
-                    recorded.setdefault(trial_id, []).append((stage, epoch))
+                    kind, trial_id, stage, epoch = match.groups()
+                    recorded.setdefault(trial_id, []).append((stage, int(epoch)))
+                    row = self.path(experiment, "epochs", trial_id, f"{stage}-{epoch}.parquet")
+                    if kind == "layers" and self._kind(row) == pafs.FileType.File:
+                        # an epoch is its row and its layer history: a refill writes both
+                        moved.append(self.move_aside(experiment, row, stamp))
                 moved.append(self.move_aside(experiment, path, stamp))
             if recorded:
                 self.write_json(experiment, LOST_FILE, {k: sorted(set(v))

@@ -39,7 +39,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from .cluster import Plan, check_shared_store, cluster_nodes, connect, plan
-from .compat import TrainToTune, wait_until_tune_took_the_reports
+from .compat import wait_until_tune_took_the_reports
 from .config import FIELD_NAMES, ConfigError, TrialConfig, field_type, varying_keys
 from .console import pct, render_table
 from .errors import UserError
@@ -55,6 +55,7 @@ from .store import (
     expected_epochs,
 )
 from .trackers import tune_callbacks
+from .train_controller import TrainToTune
 from .trial import fit_trial, one_line, rerun
 
 # A trial's driver is a process that imports Tune, Ray Train and torch (seconds on a laptop);
