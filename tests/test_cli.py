@@ -93,7 +93,9 @@ def test_module_entry_point_exits_non_zero():
 
 def test_a_grid_shows_its_own_lines_and_every_error_but_not_rays(tmp_path):
     """A real grid in a subprocess, one of its trials killed mid-way: the terminal has the
-    project's lines and the failure in one line; Ray's banners and warnings are in log files."""
+    project's lines and the failure in one line; Ray's banners and warnings are in log files.
+    (One DDP worker a trial: the two trials run side by side, and killing the worker of one
+    fails it.)"""
     import yaml
 
     from tvlars_ray.store import Store
@@ -101,7 +103,7 @@ def test_a_grid_shows_its_own_lines_and_every_error_but_not_rays(tmp_path):
     space = tmp_path / "quiet.yaml"
     space.write_text(yaml.safe_dump({
         "fixed": {"ds": "synthetic", "model": "cnn", "stem": "cifar", "train_subset": 256,
-                  "test_subset": 64, "epochs": 3, "bs": 32, "num_workers": 2,
+                  "test_subset": 64, "epochs": 3, "bs": 32, "num_workers": 1,
                   "max_failures": 0},
         "grid": {"opt": "sgd", "lr": [0.05, 0.1]}}))
     store = tmp_path / "store"

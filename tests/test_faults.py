@@ -35,8 +35,10 @@ from tvlars_ray.store import (
 from tvlars_ray.trial import rerun
 
 ROOT = Path(__file__).resolve().parent.parent
+# One DDP worker a trial: these tests are about the store, signals and resumes, not ranks
+# (tests/test_train.py has those); a grid's two trials then run side by side on 2 CPUs.
 TINY = {"ds": "synthetic", "model": "cnn", "stem": "cifar", "train_subset": 256,
-        "test_subset": 64, "epochs": 3, "bs": 32, "num_workers": 2, "cpus_per_worker": 1}
+        "test_subset": 64, "epochs": 3, "bs": 32, "num_workers": 1, "cpus_per_worker": 1}
 BAD_NAMES = ["..", ".", "../x", "/tmp/elsewhere", "a/b", "", ".hidden", "x" * 101, "a b"]
 
 

@@ -13,13 +13,14 @@ pytestmark = pytest.mark.skipif(not CIFAR_ZIP.exists(), reason=f"{CIFAR_ZIP} not
 
 
 def test_resnet18_learns_cifar10_from_the_jpeg_folder(ray_session, tmp_path):
+    # 3000 images, 3 epochs: 0.38 test accuracy with seeds 0 and 1 (5000 took 1.8x as long)
     cfg = TrialConfig(ds="imagefolder", data_dir=str(CIFAR_ZIP), model="resnet18",
                       stem="imagenet", opt="lars", lr=5.0, sd="cosine", bs=128, epochs=3,
-                      train_subset=5000, test_subset=1000, num_workers=2, seed=0)
+                      train_subset=3000, test_subset=1000, num_workers=2, seed=0)
     assert fit_trial(cfg, str(tmp_path), "cifar", "r18") == "completed"
     epochs = Store(str(tmp_path)).read_epochs("cifar")
     assert list(epochs["epoch"]) == [0, 1, 2]
-    assert (epochs["train_samples"] == 5000).all() and (epochs["test_samples"] == 1000).all()
+    assert (epochs["train_samples"] == 3000).all() and (epochs["test_samples"] == 1000).all()
     assert epochs["test_acc"].max() > 0.25, epochs["test_acc"].tolist()  # chance is 0.10
 
 

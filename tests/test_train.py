@@ -4,6 +4,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import pytest
@@ -24,11 +25,29 @@ def tiny(**changes) -> TrialConfig:
     return TrialConfig.from_dict({**base, **changes})
 
 
-def test_whole_test_set_and_identical_reruns(ray_session, tmp_path):
-    store = str(tmp_path)
-    cfg = tiny(layer_every=5, val_subset=100)
-    assert fit_trial(cfg, store, "e", "first") == "completed"
-    assert fit_trial(cfg, store, "e", "second") == "completed"
+# Half a CPU per worker: two 2-worker trials fit the module's 2-CPU Ray at once, so their
+# start-up (a Train controller, two workers importing torch, DDP) overlaps.
+SHARED = {
+    "first": tiny(layer_every=5, val_subset=100, cpus_per_worker=0.5),
+    "second": tiny(layer_every=5, val_subset=100, cpus_per_worker=0.5),
+    "boom": tiny(opt="sgd", lr=1e6, momentum=0.9, epochs=3, cpus_per_worker=0.5),
+    "dl": tiny(loader="torch", opt="sgd", lr=0.05, epochs=1, loader_workers=0,
+               cpus_per_worker=0.5),
+}
+
+
+@pytest.fixture(scope="module")
+def shared_trials(ray_session, tmp_path_factory):
+    """The module's independent trials, fitted side by side into one store: their statuses."""
+    store = str(tmp_path_factory.mktemp("shared"))
+    with ThreadPoolExecutor(len(SHARED)) as pool:
+        futures = {t: pool.submit(fit_trial, cfg, store, "e", t) for t, cfg in SHARED.items()}
+        return store, {t: f.result() for t, f in futures.items()}
+
+
+def test_whole_test_set_and_identical_reruns(shared_trials):
+    store, status = shared_trials
+    assert status["first"] == status["second"] == "completed"
     epochs = Store(store).read_epochs("e")
     first, second = (epochs[epochs.trial_id == t].reset_index(drop=True)
                      for t in ("first", "second"))
@@ -42,9 +61,9 @@ def test_whole_test_set_and_identical_reruns(ray_session, tmp_path):
     pd.testing.assert_frame_equal(first[METRICS], second[METRICS])
     assert first["phi"].notna().all() and first["trust_ratio_min"].le(
         first["trust_ratio_max"]).all()
-    trials = Store(store).read_trials("e")
-    assert list(trials["status"]) == ["completed", "completed"]
-    assert list(trials["epochs_done"]) == [2, 2]
+    trials = Store(store).read_trials("e").set_index("trial_id")
+    assert list(trials.loc[["first", "second"], "status"]) == ["completed", "completed"]
+    assert list(trials.loc[["first", "second"], "epochs_done"]) == [2, 2]
     # the per-layer history: every 5th of the 2 x 13 steps, each adapted layer of the CNN
     layers = Store(store).read_layers("e")
     first_layers = layers[layers.trial_id == "first"]
@@ -57,14 +76,13 @@ def test_whole_test_set_and_identical_reruns(ray_session, tmp_path):
     pd.testing.assert_series_equal(by_trial[0]["trust_ratio"], by_trial[1]["trust_ratio"])
 
 
-def test_diverging_trial_is_recorded_not_crashed(ray_session, tmp_path):
-    store = str(tmp_path)
-    cfg = tiny(opt="sgd", lr=1e6, momentum=0.9, epochs=3)
-    assert fit_trial(cfg, store, "e", "boom") == "diverged"
-    epochs = Store(store).read_epochs("e")
+def test_diverging_trial_is_recorded_not_crashed(shared_trials):
+    store, status = shared_trials
+    assert status["boom"] == "diverged"
+    epochs = Store(store).trial_epochs("e", "boom")
     assert list(epochs["epoch"]) == [0] and bool(epochs["diverged"].iloc[0])
     assert epochs["test_acc"].isna().all()
-    row = Store(store).read_trials("e").iloc[0]
+    row = Store(store).read_trials("e").set_index("trial_id").loc["boom"]
     assert row["status"] == "diverged" and row["epochs_done"] == 1
 
 
@@ -107,12 +125,12 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_session, tmp_path):
     assert sorted(layers["step"].unique()) == list(epochs["step"])
 
 
-@pytest.mark.parametrize("loader", ["torch"])
-def test_dataloader_path_trains_too(ray_session, tmp_path, loader):
-    store = str(tmp_path)
-    cfg = tiny(loader=loader, opt="sgd", lr=0.05, epochs=1, loader_workers=0)
-    assert fit_trial(cfg, store, "e", "dl") == "completed"
-    row = Store(store).read_epochs("e").iloc[0]
+def test_dataloader_path_trains_too(shared_trials):
+    """The DataLoader path over two ranks: 301 test images do not split evenly, and each
+    still counts once."""
+    store, status = shared_trials
+    assert status["dl"] == "completed"
+    row = Store(store).trial_epochs("e", "dl").iloc[0]
     assert row["test_samples"] == 301 and row["train_samples"] == 400
 
 
@@ -128,8 +146,8 @@ def test_device_loader_and_dataloader_train_alike():
 
     curves = {}
     for loader in ("device", "torch"):
-        cfg = tiny(loader=loader, opt="sgd", lr=0.1, train_subset=2000, test_subset=500,
-                   epochs=6, bs=64, num_workers=1)
+        cfg = tiny(loader=loader, opt="sgd", lr=0.1, train_subset=1200, test_subset=300,
+                   epochs=5, bs=32, num_workers=1)
         torch.manual_seed(0)
         worker = Worker(0, 1, torch.device("cpu"), False, False)
         train, test, _, classes = build_loaders(cfg, worker.rank, worker.world, worker.device)
@@ -144,7 +162,7 @@ def test_device_loader_and_dataloader_train_alike():
     device, classic = curves["device"], curves["torch"]
     assert min(device[-1], classic[-1]) > 0.35, curves  # both learn (chance: 0.1)
     assert abs(device[-1] - classic[-1]) < 0.1, curves
-    assert abs(sum(device) / 6 - sum(classic) / 6) < 0.1, curves
+    assert abs(sum(device) / 5 - sum(classic) / 5) < 0.1, curves
     assert dataset_stats("synthetic", "dataset", load_dataset("synthetic", None, 0, 10, 10)[0])
 
 
