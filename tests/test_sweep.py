@@ -26,12 +26,20 @@ def _space(tmp_path, name, body):
     return str(path)
 
 
-def test_grid_of_two_trials_fills_the_store(ray_session, tmp_path, capsys):
+def test_grid_of_two_trials_fills_the_store(ray_session, tmp_path, capsys, monkeypatch):
+    """One grid, read back every way: the store, Tune's results, provenance, the report, and
+    the three trackers through Tune's logger callbacks (W&B offline, MLflow in a local file)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
     space = _space(tmp_path, "two", {"fixed": TINY, "grid": {
         "opt": {"sgd": {"lr": 0.05}, "tvlars": {"lr": 2.0, "lmbda": 1e-3}}}})
     store = str(tmp_path / "store")
-    assert main(["grid", "--space", space, "--store", store]) == 0
+    assert main(["grid", "--space", space, "--store", store, "--logger", "tensorboard",
+                 "--logger", "mlflow", "--logger", "wandb"]) == 0
     out = capsys.readouterr().out
+    assert f"tensorboard --logdir {store}/two/tune" in out and "mlflow.db" in out
     assert "final_acc" in out and "completed" in out and "report:" in out
     trials = read_trials(store, "two")
     assert len(trials) == 2 and set(trials["status"]) == {"completed"}
@@ -73,6 +81,32 @@ def test_grid_of_two_trials_fills_the_store(ray_session, tmp_path, capsys):
     assert trials["driver_host"].notna().all() and trials["command"].str.contains("grid").all()
     assert json.loads(trials["versions"].iloc[0])["torch"]
     assert "## Provenance" in (report / "report.md").read_text()
+    _trackers_hold_the_grid(Path(store), trials)
+
+
+def _trackers_hold_the_grid(store: Path, trials: pd.DataFrame) -> None:
+    """MLflow, W&B and TensorBoard each hold both trials: settings and every stored epoch."""
+    from .test_trackers import mlflow_runs, tensorboard_run, wandb_run
+
+    names = {"sgd-lr0.05-s0", "tvlars-lr2-s0"}  # named by what varies, as Tune's folders
+    runs = mlflow_runs(f"sqlite:///{store}/mlflow.db", "two")
+    assert set(runs) == names
+    tv = runs["tvlars-lr2-s0"]
+    assert tv["params"]["opt"] == "tvlars" and tv["params"]["lmbda"] == "0.001"
+    assert runs["sgd-lr0.05-s0"]["params"]["lmbda"] == "None"  # does not apply to SGD
+    stored = read_epochs(str(store), "two")
+    tv_id = trials.loc[trials.opt == "tvlars", "trial_id"].item()
+    assert tv["metrics"]["test_acc"] == list(stored.loc[stored.trial_id == tv_id, "test_acc"])
+    assert tv["tags"]["mlflow.source.git.commit"] == trials["git_commit"].iloc[0]
+    folders = sorted((store / "two" / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2
+    by_opt = {c["opt"]: (c, h) for c, h in map(wandb_run, map(str, folders))}
+    assert set(by_opt) == {"sgd", "tvlars"} and by_opt["tvlars"][0]["lr"] == 2.0
+    assert by_opt["tvlars"][1]["test_acc"] == tv["metrics"]["test_acc"]
+    scalars, hparams = tensorboard_run(str(store / "two" / "tune" / "tvlars-lr2-s0"))
+    assert hparams["opt"] == "tvlars" and hparams["lr"] == 2.0 and hparams["lmbda"] == 0.001
+    assert hparams["bs"] == 32 and hparams["point"] == "0001"
+    assert scalars["ray/tune/test_acc"] == tv["metrics"]["test_acc"]
 
 
 def test_optuna_study_lands_in_the_store(ray_session, tmp_path):

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tvlars_ray.config import TrialConfig
 from tvlars_ray.run import main
@@ -160,42 +159,12 @@ def test_trial_trackers_follow_the_stored_epochs(tmp_path):
     assert runs["t1"]["metrics"]["test_acc"] == [0.25, 0.5, 0.75]
 
 
-# -- through Ray: a grid (Tune's callbacks) and a local trial ---------------------------------
-def test_grid_and_trial_reach_mlflow_wandb_and_tensorboard(ray_session, tmp_path, capsys):
-    space = tmp_path / "tracked.yaml"
-    space.write_text(yaml.safe_dump({"fixed": TINY, "grid": {
-        "opt": {"sgd": {"lr": 0.05}, "tvlars": {"lr": 2.0, "lmbda": 1e-3}}}}))
+# -- a trial in this process (Ray Train's local mode) ----------------------------------------
+# A grid's trackers (Tune's callbacks) are read back in tests/test_sweep.py, on the grid that
+# test runs anyway: one Ray grid fewer in the suite.
+def test_a_local_trial_reaches_mlflow_wandb_and_tensorboard(tmp_path):
     store = tmp_path / "store"
     loggers = ["--logger", "tensorboard", "--logger", "mlflow", "--logger", "wandb"]
-    assert main(["grid", "--space", str(space), "--store", str(store), "--quiet",
-                 "--no-report", *loggers]) == 0
-    out = capsys.readouterr().out
-    assert f"tensorboard --logdir {store}/tracked/tune" in out and "mlflow.db" in out
-    trials = Store(str(store)).read_trials("tracked")
-    names = {"sgd-lr0.05-s0", "tvlars-lr2-s0"}  # named by what varies
-    # MLflow: one run per trial, named as Tune names it, every setting and every epoch
-    runs = mlflow_runs(f"sqlite:///{store}/mlflow.db", "tracked")
-    assert set(runs) == names
-    tv = runs["tvlars-lr2-s0"]
-    assert tv["params"]["opt"] == "tvlars" and tv["params"]["lmbda"] == "0.001"
-    assert runs["sgd-lr0.05-s0"]["params"]["lmbda"] == "None"  # does not apply to SGD
-    stored = Store(str(store)).read_epochs("tracked")
-    tv_id = trials.loc[trials.opt == "tvlars", "trial_id"].item()
-    assert tv["metrics"]["test_acc"] == list(stored.loc[stored.trial_id == tv_id, "test_acc"])
-    assert tv["tags"]["mlflow.source.git.commit"] == trials["git_commit"].iloc[0]
-    # W&B: one offline run per trial, with the settings and the per-epoch metrics
-    folders = sorted(glob.glob(str(store / "tracked/wandb/offline-run-*")))
-    assert len(folders) == 2
-    by_opt = {c["opt"]: (c, h) for c, h in map(wandb_run, folders)}
-    assert set(by_opt) == {"sgd", "tvlars"} and by_opt["tvlars"][0]["lr"] == 2.0
-    assert by_opt["tvlars"][1]["test_acc"] == tv["metrics"]["test_acc"]
-    # TensorBoard: Tune's event files show the real settings as hyperparameters
-    scalars, hparams = tensorboard_run(str(store / "tracked/tune/tvlars-lr2-s0"))
-    assert hparams["opt"] == "tvlars" and hparams["lr"] == 2.0 and hparams["lmbda"] == 0.001
-    assert hparams["bs"] == 32 and hparams["point"] == "0001"
-    assert scalars["ray/tune/test_acc"] == tv["metrics"]["test_acc"]
-
-    # one trial in this process (Ray Train's local mode): the same three trackers
     assert main(["trial", "--local", *sum(([f"--{k}", str(v)] for k, v in TINY.items()
                                            if k != "num_workers"), []),
                  "--opt", "lars", "--lr", "1", "--epochs", "2", "--store", str(store),
