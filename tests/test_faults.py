@@ -489,15 +489,26 @@ def _interrupt(proc: subprocess.Popen, sig: int) -> tuple[str, float]:
 
 
 # -- 6. interrupts, with 2 and 7 on a live run; 3 with real epochs -------------------------------
-def test_interrupted_grid_stops_resumes_and_refills_lost_epochs(ray_session, place, capsys):
+def _stored_state(st: Store, experiment: str) -> tuple[set, pd.DataFrame]:
+    """The trials completed so far and the epochs stored."""
+    trials = st.read_trials(experiment)
+    return set(trials.loc[trials.status == "completed", "trial_id"]), st.read_epochs(experiment)
+
+
+def test_interrupted_then_killed_grid_resumes_every_epoch_once(ray_session, place, capsys):
+    """A grid stopped by SIGINT, its resume killed (SIGKILL) mid-way, a plain rerun refused,
+    and a last --resume that finishes it: every epoch once, what finished not run again, and a
+    damaged epoch refilled. One trial at a time (--max-concurrent 1) until the last resume, so
+    the kill lands with one trial finished and the other part-way."""
     space = place / "stopme.yaml"
     space.write_text(yaml.safe_dump({"fixed": TINY, "grid": {"opt": {
-        "sgd": {"lr": [0.05, 0.1]}}}}))
+        "sgd": {"lr": 0.05}, "lars": {"lr": 4.0}}}}))
     store = place / "store"
     st = Store(str(store))
     tag = uuid.uuid4().hex
     grid = ["grid", "--space", str(space), "--store", str(store), "--quiet", "--no-report"]
-    proc = _start(grid, tag)
+    one_at_a_time = ["--max-concurrent", "1"]
+    proc = _start([*grid, *one_at_a_time], tag)
     _wait_for_epochs(st, "stopme", 1, proc)
     # a second run on the running experiment is refused, naming its owner
     assert main([*grid, "--resume"]) == 2
@@ -512,31 +523,49 @@ def test_interrupted_grid_stops_resumes_and_refills_lost_epochs(ray_session, pla
     assert _wait_gone(tag) == [], "Ray processes outlived the command"
     assert st.holder("stopme") is None
 
-    assert main([*grid, "--resume"]) == 0
-    trials = st.read_trials("stopme")
-    assert len(trials) == 2 and set(trials["status"]) == {"completed"}
-    epochs = st.read_epochs("stopme")
-    assert len(epochs) == 6 and not epochs.duplicated(["trial_id", "stage", "epoch"]).any()
+    # the resume is killed once a trial is done and the other part-way
+    proc = _start([*grid, *one_at_a_time, "--resume"], tag)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        done, epochs = _stored_state(st, "stopme")
+        if done and len(epochs[~epochs.trial_id.isin(done)]) >= 1:
+            break
+        time.sleep(0.3)
+    else:
+        proc.kill()
+        raise AssertionError(f"no trial finished in time: {proc.communicate()[0][-3000:]}")
+    proc.kill()  # SIGKILL: nothing recorded, nothing let go
+    proc.communicate()
+    killed_at = pd.Timestamp.now(tz="UTC")
+    _wait_gone(tag)  # its Ray goes with it; not waiting would only slow what follows
+    done, epochs = _stored_state(st, "stopme")
+    first_done = epochs[epochs.trial_id.isin(done)]
+    assert main(grid) == 2  # a plain rerun does not overwrite what is there
+    capsys.readouterr()
 
-    # a damaged epoch file: check lists it, --repair moves it aside, --resume runs it again
-    victim = sorted((store / "stopme" / "epochs").rglob("train-00001.parquet"))[0]
-    trial_id = victim.parent.name
+    # a damaged epoch of the finished trial: check lists it, --repair moves it aside
+    victim = store / "stopme" / "epochs" / sorted(done)[0] / "train-00001.parquet"
     original = pd.read_parquet(victim)
     _truncate(victim)
-    capsys.readouterr()
     assert main(["check", "--store", str(store)]) == 1
     assert f"damaged: {victim}" in capsys.readouterr().out
     assert main(["check", "--store", str(store), "--repair"]) == 0
-    assert main([*grid, "--resume"]) == 0
+
+    assert main([*grid, "--resume"]) == 0  # both trials side by side now
+    trials = st.read_trials("stopme")
+    assert len(trials) == 2 and set(trials["status"]) == {"completed"}
+    assert (trials["epochs_done"] == 3).all()
     epochs = st.read_epochs("stopme")
     assert len(epochs) == 6 and not epochs.duplicated(["trial_id", "stage", "epoch"]).any()
+    # the trial finished before the kill was not run again: only its lost epoch was
+    again = epochs[epochs.trial_id.isin(done)].set_index(["trial_id", "epoch"])["recorded_at"]
+    before = first_done.set_index(["trial_id", "epoch"])["recorded_at"]
+    kept = [key for key in before.index if key[1] != 1]
+    assert (again[kept] == before[kept]).all() and (again[kept] < killed_at).all()
     refilled = pd.read_parquet(victim)
+    assert (again[kept] < refilled["recorded_at"].iloc[0]).all()
     metrics = ["train_loss", "train_acc", "test_loss", "test_acc", "step"]
     pd.testing.assert_frame_equal(refilled[metrics], original[metrics])  # deterministic
-    # only the lost epoch was written again
-    kept = epochs[(epochs.trial_id == trial_id) & (epochs.epoch != 1)]
-    assert (kept["recorded_at"] < refilled["recorded_at"].iloc[0]).all()
-    assert set(st.read_trials("stopme")["status"]) == {"completed"}
     assert main(["check", "--store", str(store)]) == 0
 
 
@@ -544,8 +573,10 @@ def test_interrupted_trial_is_recorded_stopped_then_resumed(ray_session, place, 
     store = place / "store"
     st = Store(str(store))
     tag = uuid.uuid4().hex
-    # epochs enough that the signal lands mid-trial (a tiny epoch takes a fraction of a second)
-    flags = [f"--{k}={v}" for k, v in TINY.items()] + ["--opt=sgd", "--lr=0.05", "--epochs=30"]
+    # epochs long enough (1024 images, about 2 s each here) that the signal lands mid-trial,
+    # and few, so the resume that runs the rest is short: trial start-ups are most of the time
+    flags = [f"--{k}={v}" for k, v in TINY.items()] + ["--opt=sgd", "--lr=0.05", "--epochs=4",
+                                                      "--train_subset=1024"]
     proc = _start(["trial", *flags, "--store", str(store), "--experiment", "one"], tag)
     _wait_for_epochs(st, "one", 1, proc)
     out, took = _interrupt(proc, signal.SIGTERM)
@@ -559,9 +590,9 @@ def test_interrupted_trial_is_recorded_stopped_then_resumed(ray_session, place, 
 
     assert main(["trial", *hint.split()]) == 0
     row = st.read_trials("one").iloc[0]
-    assert row["status"] == "completed" and row["epochs_done"] == 30
+    assert row["status"] == "completed" and row["epochs_done"] == 4
     epochs = st.read_epochs("one")
-    assert list(epochs["epoch"]) == list(range(30))
+    assert list(epochs["epoch"]) == list(range(4))
 
 
 def test_interrupted_study_stops_with_every_trial_recorded(place):
