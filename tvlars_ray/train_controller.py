@@ -22,16 +22,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray._private import ray_constants
 from ray.exceptions import GetTimeoutError
 from ray.train._internal.session import get_session as _train_session
 from ray.train._internal.utils import get_address_and_port
 from ray.train.backend import Backend, BackendConfig
+from ray.train.constants import (
+    DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
+    TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
+)
 from ray.train.v2._internal.util import TrainingFramework
 from ray.train.v2.api.callback import UserCallback
-
-# As ray.train.constants (TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S) has it.
-SHUTDOWN_TIMEOUT_ENV = "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S"
-SHUTDOWN_TIMEOUT_S = 30
 
 
 def on_worker(name: str, **kwargs: Any) -> Any:
@@ -80,8 +81,9 @@ class TorchBackend(Backend):
         futures = worker_group.execute_async(on_worker, name="_shutdown_torch",
                                              destroy_process_group=len(worker_group) > 1)
         try:
-            ray.get(futures, timeout=int(os.environ.get(SHUTDOWN_TIMEOUT_ENV,
-                                                        SHUTDOWN_TIMEOUT_S)))
+            ray.get(futures, timeout=ray_constants.env_integer(
+                TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
+                DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S))
         except GetTimeoutError:
             pass  # as Ray's: the workers are killed next anyway
 
