@@ -64,6 +64,18 @@ def test_resuming_what_grid_did_not_start_is_refused(tmp_path, capsys):
     assert not ray.is_initialized()
 
 
+def test_a_trial_asking_for_missing_gpus_is_an_error_not_a_hang(tmp_path, capsys):
+    import ray
+
+    try:
+        code = main(["trial", "--ds", "synthetic", "--model", "cnn", "--dv", "0", "1",
+                     "--store", str(tmp_path)])
+    finally:
+        ray.shutdown()
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot fit" in err and "GPU" in err
+
+
 def test_dry_run_prints_trials_and_resources(capsys):
     assert main(["grid", "--space", "paper-nowarmup", "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -167,14 +179,3 @@ def test_seeds_flag_overrides_the_space(capsys, tmp_path):
     assert "4 trials" in capsys.readouterr().out
     assert main(["grid", "--space", str(space), "--seeds", "0", "--dry-run"]) == 2
     assert capsys.readouterr().err == "error: --seeds must be a positive count, got 0\n"
-
-
-# Last in this module: the Ray it shares stays up until the module ends (the grid above starts
-# its own, in its subprocess).
-def test_a_trial_asking_for_missing_gpus_is_an_error_not_a_hang(ray_session, tmp_path, capsys):
-    """On a cluster without GPUs (the shared local Ray: 2 CPUs), --dv 0 1 is refused."""
-    code = main(["trial", "--ds", "synthetic", "--model", "cnn", "--dv", "0", "1",
-                 "--store", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert code == 2 and "cannot fit" in err and "GPU" in err
-    assert ray_session.cluster_resources().get("GPU", 0) == 0

@@ -162,8 +162,7 @@ def test_trial_trackers_follow_the_stored_epochs(tmp_path):
 # -- a trial in this process (Ray Train's local mode) ----------------------------------------
 # A grid's trackers (Tune's callbacks) are read back in tests/test_sweep.py, on the grid that
 # test runs anyway: one Ray grid fewer in the suite.
-def test_a_local_trial_reaches_mlflow_wandb_and_tensorboard(ray_session, tmp_path):
-    """W&B logs from a Ray actor: the trial joins the module's Ray rather than starting one."""
+def test_a_local_trial_reaches_mlflow_wandb_and_tensorboard(tmp_path):
     store = tmp_path / "store"
     loggers = ["--logger", "tensorboard", "--logger", "mlflow", "--logger", "wandb"]
     assert main(["trial", "--local", *sum(([f"--{k}", str(v)] for k, v in TINY.items()
