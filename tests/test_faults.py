@@ -72,7 +72,8 @@ def _truncate(path: Path) -> None:
 
 # -- 1. names --------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", BAD_NAMES)
-def test_a_name_that_is_not_one_plain_folder_is_refused_everywhere(place, name, capsys):
+def test_a_name_that_is_not_one_plain_folder_is_refused_everywhere(place, name, capsys,
+                                                                  no_ray):
     import ray
 
     store = place / "store"
@@ -268,7 +269,7 @@ def _holder(store: Path, experiment: str, command: str = "grid") -> subprocess.P
     return proc
 
 
-def test_a_running_experiment_is_refused_and_a_dead_lock_taken_over(place, capsys):
+def test_a_running_experiment_is_refused_and_a_dead_lock_taken_over(place, capsys, no_ray):
     import ray
 
     store = place / "store"
@@ -371,7 +372,7 @@ def _temporaries(root: Path) -> list[Path]:
     return [p for p in root.rglob(".tmp-*") if p.is_file()]
 
 
-def test_a_read_only_store_is_refused_before_anything_starts(place, capsys):
+def test_a_read_only_store_is_refused_before_anything_starts(place, capsys, no_ray):
     import ray
 
     store = place / "ro"
