@@ -16,10 +16,8 @@ from tvlars_ray.sweep import POINT, TrialNames, grid_space, settings_from_tune, 
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Two DDP workers on half a CPU each: a grid's two trials run side by side on 2 CPUs (a trial's
-# start-up, its processes, is most of its time here, and starts overlap well).
 TINY = {"ds": "synthetic", "model": "cnn", "stem": "cifar", "train_subset": 256,
-        "test_subset": 128, "epochs": 2, "bs": 32, "num_workers": 2, "cpus_per_worker": 0.5}
+        "test_subset": 128, "epochs": 2, "bs": 32, "num_workers": 2, "cpus_per_worker": 1}
 
 
 def _space(tmp_path, name, body):
