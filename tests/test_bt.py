@@ -4,7 +4,6 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import pytest
@@ -175,17 +174,19 @@ def test_bt_trial_runs_both_stages_and_a_killed_worker_resumes_in_stage_two(ray_
 
 @pytest.mark.skipif(not CIFAR_ZIP.exists(), reason=f"{CIFAR_ZIP} not present")
 def test_pretraining_beats_a_random_backbone_on_cifar10(ray_session, tmp_path):
-    """Both trials at once, one DDP worker each (a core each), through Ray Train."""
+    """The pre-trained trial through Ray Train, one DDP worker on both CPUs. The baseline, a
+    linear evaluation of the same backbone left random, runs first in this process (Ray
+    Train's local mode, ``num_workers`` 0): only the linear stage, no second trial start,
+    and neither run leaves a core idle while the other finishes."""
     base = dict(mode="bt", ds="imagefolder", data_dir=str(CIFAR_ZIP), model="cnn", stem="cifar",
                 opt="lars", lr=2.0, bs=256, projector="512-512-512", train_subset=3000,
-                test_subset=1000, epochs=5, lr_classifier=0.5, num_workers=1, seed=0)
-    st = Store(str(tmp_path))
-    with ThreadPoolExecutor(2) as pool:
-        runs = [pool.submit(fit_trial, TrialConfig.from_dict({**base, "cl_epochs": cl}),
-                            str(tmp_path), "bt", name)
-                for name, cl in (("trained", 4), ("random", 0))]
-        assert [r.result() for r in runs] == ["completed", "completed"]
-    trials = st.read_trials("bt").set_index("trial_id")
+                test_subset=1000, epochs=5, lr_classifier=0.5, seed=0)
+    runs = {"random": {"cl_epochs": 0, "num_workers": 0},
+            "trained": {"cl_epochs": 4, "num_workers": 1, "cpus_per_worker": 2}}
+    for name, changes in runs.items():
+        cfg = TrialConfig.from_dict({**base, **changes})
+        assert fit_trial(cfg, str(tmp_path), "bt", name) == "completed"
+    trials = Store(str(tmp_path)).read_trials("bt").set_index("trial_id")
     trained, random = trials.loc["trained", "final_test_acc"], trials.loc["random",
                                                                             "final_test_acc"]
     assert trained > random + 0.03, (trained, random)
