@@ -4,7 +4,6 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import pytest
@@ -128,30 +127,12 @@ TINY_BT = dict(mode="bt", ds="synthetic", model="cnn", stem="cifar", opt="lars",
                num_workers=1)
 
 
-def test_bt_trial_runs_both_stages_through_ray(ray_session, tmp_path):
-    cfg = TrialConfig.from_dict({**TINY_BT, "val_subset": 64})
-    assert fit_trial(cfg, str(tmp_path), "bt", "two") == "completed"
-    epochs = Store(str(tmp_path)).read_epochs("bt")
-    assert list(zip(epochs["stage"], epochs["epoch"])) == [
-        ("pretrain", 0), ("pretrain", 1), ("linear", 0), ("linear", 1)]
-    pre, lin = epochs[epochs.stage == "pretrain"], epochs[epochs.stage == "linear"]
-    assert pre["cl_loss"].notna().all() and pre["test_acc"].isna().all()
-    assert pre["trust_ratio_mean"].notna().all()
-    assert lin["test_acc"].notna().all() and lin["test_acc5"].notna().all()
-    assert (lin["test_samples"] == 256).all()
-    # the hold-out: never pre-trained or trained on, validated in the linear stage
-    assert (pre["train_samples"] == 512).all() and pre["val_acc"].isna().all()
-    assert (lin["val_samples"] == 64).all() and lin["val_acc"].notna().all()
-    # the pre-training optimizer's per-layer history, for each epoch's last step
-    layers = Store(str(tmp_path)).read_layers("bt")
-    assert set(layers["stage"]) == {"pretrain"} and layers["epoch"].nunique() == 2
-    row = Store(str(tmp_path)).read_trials("bt").iloc[0]
-    assert row["status"] == "completed" and row["epochs_done"] == 4
-    assert row["final_val_acc"] == lin["val_acc"].iloc[-1]
-
-
-def test_bt_trial_killed_in_stage_two_resumes_in_stage_two(ray_session, tmp_path):
-    cfg = TrialConfig.from_dict({**TINY_BT, "epochs": 6, "train_subset": 1024})
+def test_bt_trial_runs_both_stages_and_a_killed_worker_resumes_in_stage_two(ray_session,
+                                                                            tmp_path):
+    """Both stages through Ray, the worker SIGKILLed in the linear stage: the trial resumes
+    there from its checkpoint, pre-training is not run again, every epoch is stored once."""
+    cfg = TrialConfig.from_dict({**TINY_BT, "epochs": 6, "train_subset": 1024,
+                                 "val_subset": 64})
     st = Store(str(tmp_path))
     outcome = {}
     runner = threading.Thread(target=lambda: outcome.setdefault(
@@ -170,26 +151,43 @@ def test_bt_trial_killed_in_stage_two_resumes_in_stage_two(ray_session, tmp_path
     os.kill(actors[0]["pid"], signal.SIGKILL)
     runner.join(timeout=300)
     assert outcome.get("status") == "completed"
-    rows = st.trial_epochs("bt", "victim")
-    assert list(zip(rows["stage"], rows["epoch"])) == (
+    epochs = st.read_epochs("bt")
+    assert list(zip(epochs["stage"], epochs["epoch"])) == (
         [("pretrain", e) for e in range(2)] + [("linear", e) for e in range(6)])
+    pre, lin = epochs[epochs.stage == "pretrain"], epochs[epochs.stage == "linear"]
     # pre-training was not run again: it resumed in stage 2
-    assert (rows[rows.stage == "pretrain"]["recorded_at"] < killed_at).all()
+    assert (pre["recorded_at"] < killed_at).all()
+    assert pre["cl_loss"].notna().all() and pre["test_acc"].isna().all()
+    assert pre["trust_ratio_mean"].notna().all()
+    assert lin["test_acc"].notna().all() and lin["test_acc5"].notna().all()
+    assert (lin["test_samples"] == 256).all()
+    # the hold-out: never pre-trained or trained on, validated in the linear stage
+    assert (pre["train_samples"] == 1024).all() and pre["val_acc"].isna().all()
+    assert (lin["val_samples"] == 64).all() and lin["val_acc"].notna().all()
+    # the pre-training optimizer's per-layer history, for each epoch's last step
+    layers = st.read_layers("bt")
+    assert set(layers["stage"]) == {"pretrain"} and layers["epoch"].nunique() == 2
+    row = st.read_trials("bt").iloc[0]
+    assert row["status"] == "completed" and row["epochs_done"] == 8
+    assert row["final_val_acc"] == lin["val_acc"].iloc[-1]
 
 
 @pytest.mark.skipif(not CIFAR_ZIP.exists(), reason=f"{CIFAR_ZIP} not present")
 def test_pretraining_beats_a_random_backbone_on_cifar10(ray_session, tmp_path):
-    """Both trials at once, one DDP worker each (a core each), through Ray Train."""
+    """The pre-trained trial through Ray Train, one DDP worker on both CPUs. The baseline, a
+    linear evaluation of the same backbone left random, runs first in this process (Ray
+    Train's local mode, ``num_workers`` 0): only the linear stage, no second trial start,
+    and neither run leaves a core idle while the other finishes. With 5 pre-training epochs
+    the margin is +0.097 (seed 0) and +0.073 (seed 1); with 4 it was +0.075 and +0.042."""
     base = dict(mode="bt", ds="imagefolder", data_dir=str(CIFAR_ZIP), model="cnn", stem="cifar",
                 opt="lars", lr=2.0, bs=256, projector="512-512-512", train_subset=3000,
-                test_subset=1000, epochs=5, lr_classifier=0.5, num_workers=1, seed=0)
-    st = Store(str(tmp_path))
-    with ThreadPoolExecutor(2) as pool:
-        runs = [pool.submit(fit_trial, TrialConfig.from_dict({**base, "cl_epochs": cl}),
-                            str(tmp_path), "bt", name)
-                for name, cl in (("trained", 4), ("random", 0))]
-        assert [r.result() for r in runs] == ["completed", "completed"]
-    trials = st.read_trials("bt").set_index("trial_id")
+                test_subset=1000, epochs=5, lr_classifier=0.5, seed=0)
+    runs = {"random": {"cl_epochs": 0, "num_workers": 0},
+            "trained": {"cl_epochs": 5, "num_workers": 1, "cpus_per_worker": 2}}
+    for name, changes in runs.items():
+        cfg = TrialConfig.from_dict({**base, **changes})
+        assert fit_trial(cfg, str(tmp_path), "bt", name) == "completed"
+    trials = Store(str(tmp_path)).read_trials("bt").set_index("trial_id")
     trained, random = trials.loc["trained", "final_test_acc"], trials.loc["random",
                                                                             "final_test_acc"]
     assert trained > random + 0.03, (trained, random)

@@ -60,14 +60,21 @@ def test_synthetic_is_learnable_but_not_trivially_separable():
     ncm = (torch.cdist(xte.flatten(1), means).argmin(1) == test.labels).float().mean().item()
     model = build_model("cnn", 10)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    # a cosine decay: at a constant rate the accuracy swung by 0.15 from epoch to epoch and
+    # torch.manual_seed(1) missed the bar (0.43 at best in 6 epochs); decayed over 4 epochs,
+    # seeds 0, 1 and 2 end at 0.63, 0.60 and 0.61 (6 epochs: 0.76 to 0.78), the nearest-mean
+    # bar here being 0.44 + 0.1
+    epochs = 4
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * 32)
     accs = []
-    for _ in range(6):
+    for _ in range(epochs):
         model.train()
         for idx in torch.randperm(2000).split(64):
             loss = F.cross_entropy(model(xtr[idx]), train.labels[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
+            schedule.step()
         model.eval()
         with torch.no_grad():
             accs.append((model(xte).argmax(1) == test.labels).float().mean().item())

@@ -725,7 +725,9 @@ def test_trains_small_cnn(name: str, one_thread) -> None:
     net = tiny_cnn()
     opt = TRAIN[name](net.parameters())
     order = torch.Generator().manual_seed(0)
-    for _ in range(8):
+    # 6 epochs: test accuracy 0.43 to 0.60 for the three, with seeds 0 and 1 (8 epochs: 0.49
+    # to 0.76); after 5, tvlars with seed 0 is at 0.34, too near the bar
+    for _ in range(6):
         net.train()
         for idx in torch.randperm(len(y_train), generator=order).split(100):
             opt.zero_grad(set_to_none=True)

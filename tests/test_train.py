@@ -26,11 +26,13 @@ def tiny(**changes) -> TrialConfig:
 
 
 # Half a CPU per worker: two 2-worker trials fit the module's 2-CPU Ray at once, so their
-# start-up (a Train controller, two workers importing torch, DDP) overlaps.
+# start-up (a Train controller, two workers importing torch, DDP) overlaps. The diverging
+# trial has one worker: what it shows (recorded, not crashed) does not need a second rank.
 SHARED = {
     "first": tiny(layer_every=5, val_subset=100, cpus_per_worker=0.5),
     "second": tiny(layer_every=5, val_subset=100, cpus_per_worker=0.5),
-    "boom": tiny(opt="sgd", lr=1e6, momentum=0.9, epochs=3, cpus_per_worker=0.5),
+    "boom": tiny(opt="sgd", lr=1e6, momentum=0.9, epochs=3, num_workers=1,
+                 cpus_per_worker=0.5),
     "dl": tiny(loader="torch", opt="sgd", lr=0.05, epochs=1, loader_workers=0,
                cpus_per_worker=0.5),
 }
@@ -94,8 +96,10 @@ def _worker_pids() -> list[int]:
 
 
 def test_killed_worker_resumes_from_its_checkpoint(ray_session, tmp_path):
+    """One worker on both CPUs: the restart from a checkpoint is the point, not DDP (which
+    the shared trials show), and one process fewer to start twice."""
     store = str(tmp_path)
-    cfg = tiny(train_subset=1600, epochs=6, max_failures=2)
+    cfg = tiny(train_subset=1600, epochs=6, max_failures=2, num_workers=1, cpus_per_worker=2)
     outcome = {}
     runner = threading.Thread(target=lambda: outcome.setdefault(
         "status", fit_trial(cfg, store, "e", "victim")))
@@ -108,8 +112,8 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_session, tmp_path):
     assert len(done_before) >= 2, "the trial never got going"
     killed_at = pd.Timestamp.now(tz="UTC")
     pids = _worker_pids()
-    assert len(pids) == 2
-    os.kill(pids[1], signal.SIGKILL)
+    assert len(pids) == 1
+    os.kill(pids[0], signal.SIGKILL)
     runner.join(timeout=300)
     assert outcome.get("status") == "completed"
     epochs = st.trial_epochs("e", "victim")
@@ -135,7 +139,9 @@ def test_dataloader_path_trains_too(shared_trials):
 
 
 def test_device_loader_and_dataloader_train_alike():
-    """The device-resident path and the classic DataLoader path: same accuracy (within noise)."""
+    """The device-resident path and the classic DataLoader path: same accuracy (within noise).
+    800 images, 4 epochs: final accuracy 0.29 to 0.35 on either path with seeds 0 and 1, the
+    two paths within 0.01 of each other."""
     import torch
 
     from tvlars_ray.data import build_loaders, dataset_stats, load_dataset
@@ -146,8 +152,8 @@ def test_device_loader_and_dataloader_train_alike():
 
     curves = {}
     for loader in ("device", "torch"):
-        cfg = tiny(loader=loader, opt="sgd", lr=0.1, train_subset=1200, test_subset=300,
-                   epochs=5, bs=32, num_workers=1)
+        cfg = tiny(loader=loader, opt="sgd", lr=0.1, train_subset=800, test_subset=300,
+                   epochs=4, bs=32, num_workers=1)
         torch.manual_seed(0)
         worker = Worker(0, 1, torch.device("cpu"), False, False)
         train, test, _, classes = build_loaders(cfg, worker.rank, worker.world, worker.device)
@@ -160,9 +166,9 @@ def test_device_loader_and_dataloader_train_alike():
             train_epoch(model, train, optimizer, schedule, worker)
             curves[loader].append(evaluate(model, test, worker, False)["test_acc"])
     device, classic = curves["device"], curves["torch"]
-    assert min(device[-1], classic[-1]) > 0.35, curves  # both learn (chance: 0.1)
+    assert min(device[-1], classic[-1]) > 0.25, curves  # both learn (chance: 0.1)
     assert abs(device[-1] - classic[-1]) < 0.1, curves
-    assert abs(sum(device) / 5 - sum(classic) / 5) < 0.1, curves
+    assert abs(sum(device) / 4 - sum(classic) / 4) < 0.1, curves
     assert dataset_stats("synthetic", "dataset", load_dataset("synthetic", None, 0, 10, 10)[0])
 
 

@@ -1,5 +1,5 @@
-"""A grid against two Ray nodes started as separate processes on this machine, and the same
-when the second node is lost mid-trial."""
+"""A grid against two Ray nodes started as separate processes on this machine, which loses
+the second node mid-trial."""
 
 import contextlib
 import os
@@ -77,37 +77,6 @@ def _grid_in_thread(argv: list[str]) -> tuple[threading.Thread, dict]:
     return runner, outcome
 
 
-def test_grid_runs_on_both_nodes_and_exports_metrics(two_nodes, tmp_path):
-    import ray
-
-    nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    head = {n["NodeID"] for n in ray.nodes() if n["Alive"] and "TUNE_DRIVER" in n[
-        "Resources"]}
-    assert len(nodes) == 2 and len(head) == 1
-    space = _space(tmp_path, "two", 3, {"opt": {"sgd": {"lr": 0.05}, "lars": {"lr": 4.0}}})
-    store = str(tmp_path / "store")
-    # Prometheus sees the live gauges while the grid runs: scrape as it goes
-    seen = []
-    runner, outcome = _grid_in_thread(["grid", "--space", space, "--store", store,
-                                       "--address", two_nodes, "--quiet", "--no-report"])
-    while runner.is_alive():
-        seen += [line for line in _metrics().splitlines() if line.startswith("ray_tvlars")]
-        time.sleep(0.5)
-    assert outcome["rc"] == 0
-    trials = read_trials(store, "two")
-    assert set(trials["status"]) == {"completed"}
-    assert set(trials["node_id"]) == head  # trial drivers hold TUNE_DRIVER: the head
-    epochs = read_epochs(store, "two")
-    # the two trials ran at once, one worker group per node
-    assert set(epochs["node_id"]) == nodes
-    for trial_id in trials["trial_id"]:
-        assert any(line.startswith("ray_tvlars_test_acc") and f'trial_id="{trial_id}"' in line
-                   for line in seen), trial_id
-    assert any(line.startswith("ray_tvlars_samples_per_s") for line in seen)
-    assert any(line.startswith("ray_tvlars_trials") and 'status="running"' in line
-               for line in seen)
-
-
 def _node_groups(node_id: str) -> set[int]:
     """The process groups of a node: its raylet's (which ``ray start`` leads) and those of
     the processes the raylet started. Ray puts each worker in a group of its own, so a kill
@@ -133,41 +102,57 @@ def _node_groups(node_id: str) -> set[int]:
     return groups
 
 
-def test_a_lost_node_costs_its_trial_a_restart_not_the_grid(two_nodes, tmp_path):
-    """SIGKILL the second node while a trial's workers run there: that trial continues from
-    its checkpoint on the head (FailureConfig), the grid completes, each epoch stored once."""
+def test_a_grid_on_both_nodes_exports_metrics_and_survives_losing_one(two_nodes, tmp_path):
+    """Two trials at once, one worker group per node, their gauges scraped as they go; then
+    SIGKILL the second node while a trial's workers run there: that trial continues from its
+    checkpoint on the head (FailureConfig), the grid completes, each epoch stored once.
+    One grid shows both, as the cluster's start-up costs as much as the grid."""
     import ray
 
     alive = [n for n in ray.nodes() if n["Alive"]]
-    head = next(n["NodeID"] for n in alive if "TUNE_DRIVER" in n["Resources"])
-    other = next(n["NodeID"] for n in alive if n["NodeID"] != head)
-    space = _space(tmp_path, "lost", 4, {"opt": {"sgd": {"lr": [0.05, 0.1]}}})
+    nodes = {n["NodeID"] for n in alive}
+    heads = [n["NodeID"] for n in alive if "TUNE_DRIVER" in n["Resources"]]
+    assert len(nodes) == 2 and len(heads) == 1
+    head = heads[0]
+    other = next(iter(nodes - {head}))
+    space = _space(tmp_path, "two", 4, {"opt": {"sgd": {"lr": 0.05}, "lars": {"lr": 4.0}}})
     store = str(tmp_path / "store")
     st = Store(store)
+    seen: list[str] = []  # Prometheus sees the live gauges while the grid runs
     runner, outcome = _grid_in_thread(["grid", "--space", space, "--store", store,
                                        "--address", two_nodes, "--quiet", "--no-report"])
-    deadline = time.time() + 240
-    victim = None
-    while victim is None and time.time() < deadline and runner.is_alive():
-        if st.is_experiment("lost"):
-            epochs = st.read_epochs("lost")
+    deadline = time.time() + 480
+    victim = killed_at = None
+    while runner.is_alive() and time.time() < deadline:
+        seen += [line for line in _metrics().splitlines() if line.startswith("ray_tvlars")]
+        if victim is None and st.is_experiment("two"):
+            epochs = st.read_epochs("two")
             there = epochs[epochs["node_id"] == other]
-            victim = there["trial_id"].iloc[0] if len(there) else None
+            if len(there):
+                victim = there["trial_id"].iloc[0]
+                groups = _node_groups(other)
+                assert not groups & ({os.getpgrp()} | _node_groups(head))  # only the second
+                for group in groups:
+                    os.killpg(group, signal.SIGKILL)
+                killed_at = pd.Timestamp.now(tz="UTC")
         time.sleep(0.2)
+    assert not runner.is_alive(), "the grid hung"
     assert victim is not None, "no trial ran on the second node"
-    groups = _node_groups(other)
-    assert not groups & ({os.getpgrp()} | _node_groups(head))  # only the second node's
-    for group in groups:
-        os.killpg(group, signal.SIGKILL)
-    killed_at = pd.Timestamp.now(tz="UTC")
-    runner.join(timeout=300)
-    assert not runner.is_alive(), "the grid hung after losing a node"
     assert outcome["rc"] == 0
-    trials = read_trials(store, "lost")
+    trials = read_trials(store, "two")
     assert len(trials) == 2 and set(trials["status"]) == {"completed"}
-    epochs = read_epochs(store, "lost")
+    assert set(trials["node_id"]) == {head}  # trial drivers hold TUNE_DRIVER: the head
+    epochs = read_epochs(store, "two")
+    # the two trials ran at once, one worker group per node
+    assert set(epochs["node_id"]) == nodes
     assert len(epochs) == 8 and not epochs.duplicated(["trial_id", "stage", "epoch"]).any()
     moved = epochs[epochs["trial_id"] == victim]
     # it carried on on the surviving node, in a new attempt: nothing ran on the lost one
     assert (moved.loc[moved["recorded_at"] > killed_at, "node_id"] == head).all()
     assert (moved["worker_started_at"] > killed_at).any()
+    for trial_id in trials["trial_id"]:
+        assert any(line.startswith("ray_tvlars_test_acc") and f'trial_id="{trial_id}"' in line
+                   for line in seen), trial_id
+    assert any(line.startswith("ray_tvlars_samples_per_s") for line in seen)
+    assert any(line.startswith("ray_tvlars_trials") and 'status="running"' in line
+               for line in seen)
