@@ -44,6 +44,8 @@ def two_nodes():
            # a lost node is declared dead within seconds, not half a minute
            "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
            "RAY_health_check_failure_threshold": "3"}
+    if ray.is_initialized():  # joined elsewhere by an earlier test
+        ray.shutdown()
     started = subprocess.run([str(SCRIPT), "start"], env=env, capture_output=True, text=True)
     assert started.returncode == 0, started.stderr[-2000:]
     address = started.stdout.strip().splitlines()[-1]
