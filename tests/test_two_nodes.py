@@ -125,10 +125,12 @@ def test_a_grid_on_both_nodes_exports_metrics_and_survives_losing_one(two_nodes,
                                        "--address", two_nodes, "--quiet", "--no-report"])
     deadline = time.time() + 480
     victim = killed_at = None
+    stored_on: set[str] = set()  # nodes that stored epochs, seen before a restart rewrites them
     while runner.is_alive() and time.time() < deadline:
         seen += [line for line in _metrics().splitlines() if line.startswith("ray_tvlars")]
         if victim is None and st.is_experiment("two"):
             epochs = st.read_epochs("two")
+            stored_on |= set(epochs["node_id"])
             there = epochs[epochs["node_id"] == other]
             if len(there):
                 victim = there["trial_id"].iloc[0]
@@ -145,8 +147,9 @@ def test_a_grid_on_both_nodes_exports_metrics_and_survives_losing_one(two_nodes,
     assert len(trials) == 2 and set(trials["status"]) == {"completed"}
     assert set(trials["node_id"]) == {head}  # trial drivers hold TUNE_DRIVER: the head
     epochs = read_epochs(store, "two")
-    # the two trials ran at once, one worker group per node
-    assert set(epochs["node_id"]) == nodes
+    # the two trials ran at once, one worker group per node (the lost node's epochs may be
+    # written again on the head, when the kill lands before their checkpoint)
+    assert stored_on | set(epochs["node_id"]) == nodes
     assert len(epochs) == 8 and not epochs.duplicated(["trial_id", "stage", "epoch"]).any()
     moved = epochs[epochs["trial_id"] == victim]
     # it carried on on the surviving node, in a new attempt: nothing ran on the lost one
