@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import ray
 
-from . import compat, process_setup
+from . import compat, process_setup, run_helper
 from .config import TrialConfig
 from .errors import UserError
 from .store import Store
@@ -63,8 +63,10 @@ def connect(address: str | None = None, num_cpus: int | None = None,
     ``log_to_driver=False`` leaves what Ray's workers and actors print (trial drivers, Train
     controllers, DDP workers, raylets) in Ray's session logs instead of this terminal.
     Returns the dashboard's address when this call connected (None if Ray was up already).
+    Either way the run's helper actor is started (see :mod:`tvlars_ray.run_helper`).
     """
     if ray.is_initialized():
+        run_helper.start()
         return None
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.update(ray_env())
@@ -87,6 +89,7 @@ def connect(address: str | None = None, num_cpus: int | None = None,
                            log_to_driver=log_to_driver)
     if callable(sigterm) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, sigterm)
+    run_helper.start()
     return _dashboard(context)
 
 

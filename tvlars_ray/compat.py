@@ -33,12 +33,15 @@ from ray.air._internal import torch_utils as _air_torch
 from ray.train._internal.session import get_session as _train_session
 from ray.train.torch import TorchTrainer as _RayTorchTrainer
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback as _DatasetsCallback
+from ray.train.v2._internal.callbacks.placement_group_callback import (
+    PlacementGroupCleanerCallback as _PlacementGroupCleanerCallback,
+)
 from ray.train.v2._internal.execution import context as _train_context
 from ray.train.v2._internal.execution import train_fn_utils as _train_fn_utils
 from ray.train.v2.api.report_config import CheckpointUploadMode
 from torch.distributed import _functional_collectives as _fcol
 
-from .train_controller import TorchBackendConfig
+from .train_controller import PlacementGroupWatch, TorchBackendConfig
 
 PINNED_RAY = "2.60.0"
 # Where a Ray worker process finds the job's worker_process_setup_hook (a module path): set in
@@ -65,9 +68,9 @@ def quiet_train_report_log() -> None:
 
 
 class TorchTrainer(_RayTorchTrainer):
-    """Ray's TorchTrainer, less the Ray Data machinery when the run has no Ray datasets, and
-    with a backend config its controller can unpickle without importing torch
-    (:mod:`tvlars_ray.train_controller`).
+    """Ray's TorchTrainer, less the Ray Data machinery when the run has no Ray datasets, with
+    a backend config its controller can unpickle without importing torch, and the run's one
+    placement-group cleaner instead of one per trial (:mod:`tvlars_ray.train_controller`).
 
     Train's datasets callback starts a ``DatasetManager`` actor for every worker group even
     with no datasets: one more process per trial, which imports Ray Data. Our data never
@@ -78,7 +81,8 @@ class TorchTrainer(_RayTorchTrainer):
         super().__init__(*args, **kwargs)
 
     def _create_default_callbacks(self) -> list[Any]:
-        callbacks = super()._create_default_callbacks()
+        callbacks = [PlacementGroupWatch() if isinstance(c, _PlacementGroupCleanerCallback)
+                     else c for c in super()._create_default_callbacks()]
         if self.datasets:
             return callbacks
         return [c for c in callbacks if not isinstance(c, _DatasetsCallback)]

@@ -196,10 +196,14 @@ def train_driver_fn(config: dict[str, Any], store: str, experiment: str,
     """
     key = config.get(POINT)
     trial_id = (ids or {}).get(key) or tune.get_context().get_trial_id()
-    fit_trial(settings_from_tune(config), store, experiment, trial_id,
-              callbacks=[TrainToTune()], record_failure=False, fill=(fills or {}).get(key),
-              provenance=provenance)
-    wait_until_tune_took_the_reports()  # else Ray 2.60 may hang: see there
+    to_tune = TrainToTune()
+    try:
+        fit_trial(settings_from_tune(config), store, experiment, trial_id,
+                  callbacks=[to_tune], record_failure=False, fill=(fills or {}).get(key),
+                  provenance=provenance)
+        wait_until_tune_took_the_reports()  # else Ray 2.60 may hang: see there
+    finally:
+        to_tune.close()
 
 
 class ProgressTable(tune.Callback):

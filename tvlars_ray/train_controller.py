@@ -10,6 +10,8 @@ on the workers:
   same process-group set-up on the workers (Ray's own worker functions, looked up there), for
   gloo, NCCL or any backend torch takes by name.
 - :class:`TrainToTune`: Ray Tune's ``TuneReportCallback``, without importing Ray Tune.
+- :class:`PlacementGroupWatch`: Ray Train's ``PlacementGroupCleanerCallback``, through the
+  run's one helper actor (:mod:`tvlars_ray.run_helper`) instead of a cleaner per trial.
 
 Like :mod:`tvlars_ray.compat`, this reaches Ray internals, checked against the pinned release in
 ``tests/test_compat.py``; ``tests/test_imports.py`` checks that it stays free of torch.
@@ -31,8 +33,14 @@ from ray.train.constants import (
     DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
     TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
 )
+from ray.train.v2._internal.callbacks.placement_group_callback import (
+    PlacementGroupCleanerCallback,
+)
+from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 from ray.train.v2._internal.util import TrainingFramework
 from ray.train.v2.api.callback import UserCallback
+
+from . import run_helper
 
 
 def on_worker(name: str, **kwargs: Any) -> Any:
@@ -116,14 +124,21 @@ class TrainToTune(UserCallback):
 
     The Train controller and every Train worker unpickle the run's callbacks, and Tune's own
     class lives in ``ray.tune``, whose import costs each of those processes seconds per trial.
-    This one hands the same metrics (rank 0's, with the checkpoint's path) to the same queue
-    of the Tune session it was built in, and imports nothing from Tune.
+    This one hands the same metrics (rank 0's, with the checkpoint's path) to the queue of
+    the Tune session it was built in, and imports nothing from Tune. That queue is the
+    trial's in the run's helper (:mod:`tvlars_ray.run_helper`) where the run has one, rather
+    than a queue actor of its own.
     """
 
     CHECKPOINT_PATH_KEY = "checkpoint_path"
 
     def __init__(self) -> None:
-        self._queue = _train_session()._get_or_create_inter_actor_queue()
+        session = _train_session()
+        if getattr(session, "_inter_actor_queue", None) is None:
+            helper = run_helper.find()
+            if helper is not None:
+                session._inter_actor_queue = run_helper.ReportQueue(helper)
+        self._queue = session._get_or_create_inter_actor_queue()
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]],
                      checkpoint: Any) -> None:
@@ -131,3 +146,53 @@ class TrainToTune(UserCallback):
         if checkpoint:
             reported[self.CHECKPOINT_PATH_KEY] = checkpoint.path
         self._queue.put(reported)
+
+    def close(self) -> None:
+        """Let the helper drop the trial's queue (Ray's own queue actor ends with its
+        handle)."""
+        if isinstance(self._queue, run_helper.ReportQueue):
+            self._queue.close()
+
+
+class PlacementGroupWatch(ControllerCallback, WorkerGroupCallback):
+    """Ray Train's ``PlacementGroupCleanerCallback``, with the run's helper as the cleaner:
+    it removes the trial's placement group if this controller dies first. Without a helper
+    (a TorchTrainer started outside this tool's commands) it is Ray's callback itself."""
+
+    def __init__(self) -> None:
+        self._ray = PlacementGroupCleanerCallback()
+        self._helper: Any = None
+        self._controller_id: str | None = None
+
+    def after_controller_start(self, train_run_context: Any) -> None:
+        self._helper = run_helper.find()
+        if self._helper is None:
+            self._ray.after_controller_start(train_run_context)
+            return
+        self._controller_id = ray.get_runtime_context().get_actor_id()
+
+    def after_worker_group_start(self, worker_group: Any) -> None:
+        if self._helper is None:
+            self._ray.after_worker_group_start(worker_group)
+            return
+        state = worker_group.get_worker_group_state()
+        group = state.placement_group_handle.placement_group
+        ray.get(self._helper.watch.remote(self._controller_id, group))
+
+    async def before_controller_shutdown(self) -> None:
+        if self._helper is None:
+            await self._ray.before_controller_shutdown()
+            return
+        self._forget()
+
+    def before_controller_abort(self) -> None:
+        if self._helper is None:
+            self._ray.before_controller_abort()
+            return
+        self._forget()
+
+    def _forget(self) -> None:
+        try:
+            ray.get(self._helper.forget.remote(self._controller_id), timeout=10)
+        except Exception:  # noqa: BLE001 - the helper is gone with its driver: nothing to do
+            pass
