@@ -90,3 +90,26 @@ def test_the_trainer_leaves_out_ray_data_only_without_datasets(tmp_path):
 
     assert DatasetsCallback not in kinds()
     assert DatasetsCallback in kinds(datasets={"train": lambda: None})  # a dataset factory
+
+
+def test_the_trainer_watches_its_placement_group_through_the_run_helper(tmp_path):
+    """Ray's per-trial cleaner callback is swapped for ours, which falls back to Ray's own
+    where the run has no helper; Tune's session still takes a queue object put in place."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train._internal.session import _TrainSession
+    from ray.train.v2._internal.callbacks.placement_group_callback import (
+        PlacementGroupCleanerCallback,
+    )
+
+    from tvlars_ray.train_controller import PlacementGroupWatch
+
+    trainer = compat.TorchTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=1),
+                                  run_config=RunConfig(storage_path=str(tmp_path)))
+    kinds = [type(c) for c in trainer._create_default_callbacks()]
+    assert PlacementGroupWatch in kinds and PlacementGroupCleanerCallback not in kinds
+    for hook in ("after_controller_start", "after_worker_group_start",
+                 "before_controller_shutdown", "before_controller_abort"):
+        assert callable(getattr(PlacementGroupCleanerCallback, hook))
+    source = Path(__import__("inspect").getsourcefile(_TrainSession)).read_text()
+    assert "if self._inter_actor_queue is None:" in source
+    assert "self._inter_actor_queue.get(" in source and "except ray_queue.Empty" in source
