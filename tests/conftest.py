@@ -19,9 +19,16 @@ _SHARED: dict[str, str] = {}  # the GCS address of the Ray that ray_session star
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Run the modules that use ``ray_session`` last and one after another, so that one Ray
-    start (~10 s of the suite's 2 cores) serves them all; each module keeps its own order."""
+    start (~10 s of the suite's 2 cores) serves them all; each module keeps its own order,
+    except that their tests that need no Ray up (``no_ray``) run before any of them."""
     uses_ray = {item.module for item in items if "ray_session" in item.fixturenames}
-    items.sort(key=lambda item: item.module in uses_ray)
+
+    def place(item: pytest.Item) -> int:
+        if item.module not in uses_ray:
+            return 0
+        return 1 if "no_ray" in item.fixturenames else 2
+
+    items.sort(key=place)
 
 
 @pytest.fixture(scope="module")
