@@ -173,17 +173,17 @@ def test_bt_trial_runs_both_stages_and_a_killed_worker_resumes_in_stage_two(ray_
 
 
 @pytest.mark.skipif(not CIFAR_ZIP.exists(), reason=f"{CIFAR_ZIP} not present")
-def test_pretraining_beats_a_random_backbone_on_cifar10(ray_session, tmp_path):
-    """The pre-trained trial through Ray Train, one DDP worker on both CPUs. The baseline, a
-    linear evaluation of the same backbone left random, runs first in this process (Ray
-    Train's local mode, ``num_workers`` 0): only the linear stage, no second trial start,
-    and neither run leaves a core idle while the other finishes. With 5 pre-training epochs
-    the margin is +0.097 (seed 0) and +0.073 (seed 1); with 4 it was +0.075 and +0.042."""
+def test_pretraining_beats_a_random_backbone_on_cifar10(tmp_path):
+    """Both runs in this process (Ray Train's local mode, ``num_workers`` 0, as `trial
+    --local` runs): what pre-training learns is the point here; both stages through Ray,
+    with a restart, are the test above. The baseline is a linear evaluation of the same
+    backbone left random. With 5 pre-training epochs the margin is +0.114 (seed 0: 0.276
+    against 0.162) and +0.042 (seed 1: 0.252 against 0.210)."""
     base = dict(mode="bt", ds="imagefolder", data_dir=str(CIFAR_ZIP), model="cnn", stem="cifar",
                 opt="lars", lr=2.0, bs=256, projector="512-512-512", train_subset=3000,
                 test_subset=1000, epochs=5, lr_classifier=0.5, seed=0)
     runs = {"random": {"cl_epochs": 0, "num_workers": 0},
-            "trained": {"cl_epochs": 5, "num_workers": 1, "cpus_per_worker": 2}}
+            "trained": {"cl_epochs": 5, "num_workers": 0}}
     for name, changes in runs.items():
         cfg = TrialConfig.from_dict({**base, **changes})
         assert fit_trial(cfg, str(tmp_path), "bt", name) == "completed"

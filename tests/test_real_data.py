@@ -12,15 +12,14 @@ from .conftest import CIFAR_ZIP
 pytestmark = pytest.mark.skipif(not CIFAR_ZIP.exists(), reason=f"{CIFAR_ZIP} not present")
 
 
-def test_resnet18_learns_cifar10_from_the_jpeg_folder(ray_session, tmp_path):
-    # 1500 images, 3 epochs: 0.33 test accuracy with seeds 0 and 1 (3000 images: 0.38, at
-    # twice the cost; 2000 images in 2 epochs: 0.28 to 0.31, too near the bar). One worker
-    # on both CPUs: learning is the point here, not DDP, and it spares a process and the
-    # gradient all-reduce.
+def test_resnet18_learns_cifar10_from_the_jpeg_folder(tmp_path):
+    # 1500 images, 3 epochs: 0.34 test accuracy with seed 0, 0.32 with seed 1 (3000 images:
+    # 0.38, at twice the cost; 2000 images in 2 epochs: 0.28 to 0.31, too near the bar). In this
+    # process (Ray Train's local mode, as `trial --local` runs): learning from the real
+    # files is the point here; Ray workers, DDP and restarts are test_train's.
     cfg = TrialConfig(ds="imagefolder", data_dir=str(CIFAR_ZIP), model="resnet18",
                       stem="imagenet", opt="lars", lr=5.0, sd="cosine", bs=128, epochs=3,
-                      train_subset=1500, test_subset=1000, num_workers=1, cpus_per_worker=2,
-                      seed=0)
+                      train_subset=1500, test_subset=1000, num_workers=0, seed=0)
     assert fit_trial(cfg, str(tmp_path), "cifar", "r18") == "completed"
     epochs = Store(str(tmp_path)).read_epochs("cifar")
     assert list(epochs["epoch"]) == [0, 1, 2]
