@@ -32,10 +32,24 @@ case "${1:-}" in
     setsid -w "$RAY" start --address="127.0.0.1:$PORT" --num-cpus="$CPUS_PER_NODE" --num-gpus=0 \
       --metrics-export-port="$WORKER_METRICS" --dashboard-agent-listen-port=28091 \
       --disable-usage-stats >/dev/null
+    # the two nodes' sessions, for `stop`: every process of a node (its raylet, agents and
+    # workers included) stays in the session its `ray start` began
+    pgrep -f -- "$TEMP_DIR" | xargs -r ps -o sid= -p | sort -u > "$TEMP_DIR/sessions"
     echo "127.0.0.1:$PORT"
     ;;
   stop)
-    "$RAY" stop --force >/dev/null 2>&1 || true
+    # only these two nodes: `ray stop` would end every Ray on the machine, a user's own too
+    mine=$(ps -o sid= -p $$ | tr -d ' ')
+    sessions=$(tr -d ' ' < "$TEMP_DIR/sessions" 2>/dev/null | grep -vx "$mine" || true)
+    for sid in $sessions; do pkill -TERM -s "$sid" || true; done
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+      left=0
+      for sid in $sessions; do pgrep -s "$sid" >/dev/null && left=1; done
+      [ "$left" = 0 ] && break
+      sleep 0.5
+    done
+    for sid in $sessions; do pkill -KILL -s "$sid" || true; done
+    rm -f "$TEMP_DIR/sessions"
     ;;
   *)
     echo "usage: $0 start|stop" >&2

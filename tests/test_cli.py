@@ -41,7 +41,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("argv, words", BAD, ids=[" ".join(a) for a, _ in BAD])
-def test_bad_input_is_one_line_and_starts_nothing(argv, words, tmp_path, capsys):
+def test_bad_input_is_one_line_and_starts_nothing(argv, words, tmp_path, capsys, no_ray):
     import ray
 
     store = tmp_path / "store"
@@ -52,7 +52,7 @@ def test_bad_input_is_one_line_and_starts_nothing(argv, words, tmp_path, capsys)
     assert not store.exists() or not any(store.iterdir())
 
 
-def test_resuming_what_grid_did_not_start_is_refused(tmp_path, capsys):
+def test_resuming_what_grid_did_not_start_is_refused(tmp_path, capsys, no_ray):
     import ray
 
     from tvlars_ray.config import TrialConfig

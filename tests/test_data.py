@@ -345,7 +345,7 @@ BROKEN = {  # name: (dataset, how to make it)
     ("cifar", "cifar-100-python.tar.gz is not a readable tar archive"),
 ])
 def test_grid_refuses_broken_data_in_one_line_before_ray_starts(name, words, tmp_path, cache,
-                                                                capsys):
+                                                                capsys, no_ray):
     import ray
 
     from tvlars_ray.run import main
@@ -651,7 +651,8 @@ def test_sets_that_do_not_fit_in_memory_are_refused_for_the_device_loader(tmp_pa
     assert not _trusted(cache)
 
 
-def test_grid_refuses_the_device_loader_for_imagenet_before_ray_starts(tmp_path, cache, capsys):
+def test_grid_refuses_the_device_loader_for_imagenet_before_ray_starts(tmp_path, cache, capsys,
+                                                                        no_ray):
     import ray
 
     from tvlars_ray.run import main

@@ -106,7 +106,7 @@ def wandb_run(folder: str) -> tuple[dict, dict[str, list]]:
 
 
 # -- refusals before anything starts --------------------------------------------------------
-def test_a_missing_extra_is_one_line_and_starts_nothing(monkeypatch, tmp_path, capsys):
+def test_a_missing_extra_is_one_line_and_starts_nothing(monkeypatch, tmp_path, capsys, no_ray):
     import ray
 
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as if `pip install .[mlflow]` was not run
