@@ -45,7 +45,10 @@ class RunHelper:
         self._monitor: asyncio.Task | None = None
 
     def _queue(self, key: str) -> asyncio.Queue:
-        return self._queues.setdefault(key, asyncio.Queue(maxsize=1))
+        queue = self._queues.get(key)
+        if queue is None:  # not setdefault: it would build a queue on every poll
+            queue = self._queues[key] = asyncio.Queue(maxsize=1)
+        return queue
 
     async def put(self, key: str, item: Any) -> None:
         await self._queue(key).put(item)
